@@ -1,0 +1,135 @@
+"""Build a model version into a repository.
+
+  python -m tools.build_model --demo --out model_repo
+  python -m tools.build_model --from-hf CKPT_DIR --heads-npz heads.npz --out model_repo --model mymodel
+  python -m tools.build_model --from-hf CKPT_DIR --heads 8 --out model_repo --precision int8
+
+`--out` is the repository root; the version lands in `<out>/<model>/<version>/` by atomic rename.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from server.manifest import EncoderShape, Head
+from server.repository import next_version
+from tools.build_model import demo_vocab
+from tools.build_model.tokenizer import build_tokenizer
+from tools.build_model.weights import (
+    ModelWeights,
+    encoder_from_hf,
+    heads_from_npz,
+    random_encoder,
+    random_heads,
+    random_lookups,
+)
+from tools.build_model.writer import LookupVocabs, write_version
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEMO_VOCAB = REPO_ROOT / "vocab" / "ernie-3.0-zh-vocab.txt"
+DEMO_SHAPE = EncoderShape(
+    type="ernie", vocab_size=39980, hidden_size=768, num_layers=3, num_attention_heads=12,
+    intermediate_size=3072, max_position_embeddings=512, type_vocab_size=4, layer_norm_eps=1e-5,
+)
+LOOKUP_DIMS = (64, 32, 32)  # site, NER, industry embedding widths
+HEAD_HIDDEN = 64
+# Weight scale of the random demo encoder. BERT's usual 0.02 makes a random 3-layer encoder almost
+# blind to its input (per-head score spread ~0.01 on real pairs); 0.04, near the scale of trained
+# ERNIE weights, gives scores that move with the text, so precision checks on the demo mean something.
+DEMO_INIT_STD = 0.04
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m tools.build_model", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--demo", action="store_true", help="seeded random-init demo model (92 heads)")
+    src.add_argument("--from-hf", type=Path, metavar="CKPT_DIR",
+                     help="Hugging Face ERNIE/BERT folder: config.json, model.safetensors, vocab.txt")
+    ap.add_argument("--out", type=Path, required=True, help="model repository root")
+    ap.add_argument("--model", default=None, help="model name (default: demo, or the checkpoint folder name)")
+    ap.add_argument("--version", type=int, default=None, help="version number (default: next free)")
+    ap.add_argument("--heads-npz", type=Path, help="heads from an .npz (w1, b1, w2, b2, srcids[, names, thresholds])")
+    ap.add_argument("--heads", type=int, default=None, help="N random heads (srcids 1..N) when no --heads-npz")
+    ap.add_argument("--precision", action="append", choices=["int8", "fp16"], default=[],
+                    help="also write this variant (repeatable); fp32 is always written")
+    ap.add_argument("--max-seq-len", type=int, default=128)
+    ap.add_argument("--max-ner-tags", type=int, default=8)
+    ap.add_argument("--num-sites", type=int, default=3000, help="demo site vocabulary size")
+    ap.add_argument("--seed", type=int, default=20261124)
+    ap.add_argument("--if-absent", action="store_true",
+                    help="do nothing when the model already has a complete version (used by make serve)")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    model = args.model or ("demo" if args.demo else args.from_hf.resolve().name)
+    if args.if_absent:
+        from server.repository import latest_complete, scan_model
+
+        found = latest_complete(scan_model(args.out, model))
+        if found is not None:
+            print(f"{model}/{found.version} is already complete in {args.out}; nothing to build")
+            return 0
+    version = args.version or next_version(args.out, model)
+    t0 = time.perf_counter()
+    steps = tqdm(total=5 + len(args.precision), desc=f"{model}/{version}", unit="step", file=sys.stderr,
+                 bar_format="{desc}: {n}/{total} [{elapsed}] {postfix}")
+
+    def progress(msg: str) -> None:
+        steps.set_postfix_str(msg)
+        steps.update(1)
+
+    progress("initialising weights" if args.demo else f"reading {args.from_hf}")
+    vocabs = LookupVocabs(
+        sites=demo_vocab.demo_sites(args.num_sites, args.seed),
+        ner_tags=demo_vocab.NER_TAGS,
+        industries=demo_vocab.INDUSTRIES,
+    )
+    if args.demo:
+        encoder = random_encoder(DEMO_SHAPE, args.seed, std=DEMO_INIT_STD)
+        tokenizer = build_tokenizer(DEMO_VOCAB)
+    else:
+        encoder = encoder_from_hf(args.from_hf)
+        tokenizer = build_tokenizer(args.from_hf / "vocab.txt")
+    lookups = random_lookups(vocabs.sizes, LOOKUP_DIMS, args.seed + 1)
+    feature_dim = encoder.shape.hidden_size + sum(LOOKUP_DIMS)
+    if args.heads_npz:
+        head_weights, heads = heads_from_npz(args.heads_npz)
+    else:
+        srcids = list(demo_vocab.DEMO_SRCIDS) if args.demo and args.heads is None else list(
+            range(1, (args.heads or 1) + 1))
+        head_weights = random_heads(len(srcids), feature_dim, HEAD_HIDDEN, args.seed + 2)
+        heads = [Head(s, demo_vocab.head_name(s), 0.5) for s in srcids]
+    if head_weights.w1.shape[0] != feature_dim:
+        raise SystemExit(f"heads expect {head_weights.w1.shape[0]} features, the bottom gives {feature_dim}")
+
+    path = write_version(
+        ModelWeights(encoder, lookups, head_weights),
+        heads,
+        tokenizer,
+        vocabs,
+        root=args.out,
+        model_name=model,
+        version=version,
+        max_seq_len=args.max_seq_len,
+        max_ner_tags=args.max_ner_tags,
+        precisions=["fp32", *args.precision],
+        progress=progress,
+        extra={"source": "demo (seeded random init)" if args.demo else f"hf:{args.from_hf.name}",
+               "seed": args.seed},
+    )
+    steps.close()
+    sizes = ", ".join(f"{p.name} {p.stat().st_size / 2**20:.1f} MiB" for p in sorted(path.glob("*.onnx")))
+    print(f"built {path} in {time.perf_counter() - t0:.1f} s ({len(heads)} heads; {sizes})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,137 @@
+"""Writes a complete model version: graph, variants, tokenizer, vocabularies, manifest, checksums.
+
+Everything is written into a staging folder and renamed into place only when whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+from tokenizers import Tokenizer
+
+from server.manifest import (
+    MODEL_FILES,
+    TOKENIZER_FILE,
+    Head,
+    LookupFeature,
+    Manifest,
+    sha256_file,
+)
+from server.repository import publish_version, staging_dir
+from tools.build_model.graph import BOTTOM_PREFIX, build_graph
+from tools.build_model.precision import write_fp16, write_int8
+from tools.build_model.weights import ModelWeights
+
+SITE_VOCAB, NER_VOCAB, INDUSTRY_VOCAB = "site_vocab.txt", "ner_vocab.txt", "industry_vocab.txt"
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class LookupVocabs:
+    """Entries without the reserved `[PAD]` (id 0, missing) and `[UNK]` (id 1, unknown) lines."""
+
+    sites: Sequence[str]
+    ner_tags: Sequence[str]
+    industries: Sequence[str]
+
+    @property
+    def sizes(self) -> tuple[int, int, int]:
+        return len(self.sites) + 2, len(self.ner_tags) + 2, len(self.industries) + 2
+
+
+def _write_lookup_vocab(path: Path, entries: Sequence[str]) -> None:
+    bad = [e for e in entries if not e or "\n" in e or e != e.strip()]
+    if bad or len(set(entries)) != len(entries):
+        raise ValueError(f"{path.name}: entries must be unique, non-empty single lines: {bad[:3]}")
+    path.write_text("\n".join(["[PAD]", "[UNK]", *entries]) + "\n", encoding="utf-8")
+
+
+def bottom_fingerprint(model: onnx.ModelProto, version_dir: Path, shared_files: Sequence[str]) -> str:
+    """SHA-256 over every bottom tensor (name, type, shape, bytes) and the tokenizer and vocabularies.
+
+    Two versions with equal fingerprints compute identical features for identical requests.
+    """
+    digest = hashlib.sha256()
+    for init in sorted(model.graph.initializer, key=lambda t: t.name):
+        if init.name.startswith(BOTTOM_PREFIX):
+            arr = onnx.numpy_helper.to_array(init)
+            digest.update(f"{init.name}|{arr.dtype.str}|{arr.shape}|".encode())
+            digest.update(arr.tobytes())
+    for name in shared_files:
+        digest.update(f"{name}|".encode())
+        digest.update((version_dir / name).read_bytes())
+    return digest.hexdigest()
+
+
+def write_version(
+    weights: ModelWeights,
+    heads: Sequence[Head],
+    tokenizer: Tokenizer,
+    vocabs: LookupVocabs,
+    *,
+    root: Path,
+    model_name: str,
+    version: int,
+    max_seq_len: int,
+    max_ner_tags: int,
+    precisions: Sequence[str] = ("fp32",),
+    progress: Progress = lambda _msg: None,
+    extra: dict[str, object] | None = None,
+) -> Path:
+    if len(heads) != weights.heads.count:
+        raise ValueError(f"{len(heads)} head entries for {weights.heads.count} heads in the weights")
+    for table, expected, name in zip(
+        (weights.lookups.site, weights.lookups.ner, weights.lookups.industry), vocabs.sizes,
+        ("site", "ner", "industry"), strict=True,
+    ):
+        if table.shape[0] != expected:
+            raise ValueError(f"{name} table has {table.shape[0]} rows, vocabulary needs {expected}")
+    unknown = set(precisions) - set(MODEL_FILES)
+    if unknown or "fp32" not in precisions:
+        raise ValueError(f"precisions must include fp32 and be among {sorted(MODEL_FILES)}: {precisions}")
+
+    with staging_dir(root, model_name) as stage:
+        progress("building the ONNX graph")
+        graph = build_graph(weights.encoder, weights.lookups, weights.heads)
+        progress(f"writing {MODEL_FILES['fp32']}")
+        onnx.save(graph, str(stage / MODEL_FILES["fp32"]))
+        tokenizer.save(str(stage / TOKENIZER_FILE))
+        _write_lookup_vocab(stage / SITE_VOCAB, vocabs.sites)
+        _write_lookup_vocab(stage / NER_VOCAB, vocabs.ner_tags)
+        _write_lookup_vocab(stage / INDUSTRY_VOCAB, vocabs.industries)
+        if "int8" in precisions:
+            progress("quantizing the bottom to int8 (ONNX Runtime dynamic quantization)")
+            write_int8(stage / MODEL_FILES["fp32"], stage / MODEL_FILES["int8"])
+        if "fp16" in precisions:
+            progress("converting the bottom to fp16")
+            write_fp16(stage / MODEL_FILES["fp32"], stage / MODEL_FILES["fp16"])
+
+        progress("computing checksums")
+        shared = [TOKENIZER_FILE, SITE_VOCAB, NER_VOCAB, INDUSTRY_VOCAB]
+        files = [MODEL_FILES[p] for p in precisions] + shared
+        lk = weights.lookups
+        manifest = Manifest(
+            model=model_name,
+            version=version,
+            encoder=weights.encoder.shape,
+            max_seq_len=max_seq_len,
+            max_ner_tags=max_ner_tags,
+            head_hidden=weights.heads.hidden,
+            site=LookupFeature(SITE_VOCAB, int(lk.site.shape[1])),
+            ner=LookupFeature(NER_VOCAB, int(lk.ner.shape[1])),
+            industry=LookupFeature(INDUSTRY_VOCAB, int(lk.industry.shape[1])),
+            heads=tuple(heads),
+            precisions={p: MODEL_FILES[p] for p in precisions},
+            sha256={name: sha256_file(stage / name) for name in files},
+            bottom_fingerprint=bottom_fingerprint(graph, stage, shared),
+            extra=dict(extra or {}),
+        )
+        manifest.validate()
+        # The manifest goes last: without it, the folder is incomplete by definition.
+        (stage / "manifest.json").write_text(manifest.to_json(), encoding="utf-8")
+        progress(f"publishing {model_name}/{version}")
+        return publish_version(stage, root, model_name, version)
