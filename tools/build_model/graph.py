@@ -12,6 +12,7 @@ The heads are stacked so that the node count does not depend on N: one 2-D MatMu
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import onnx
@@ -41,7 +42,7 @@ class _Graph:
         self.inits.append(numpy_helper.from_array(np.require(value, requirements="C"), name))
         return name
 
-    def op(self, op_type: str, inputs: list[str], name: str | None = None, **attrs: object) -> str:
+    def op(self, op_type: str, inputs: list[str], name: str | None = None, **attrs: Any) -> str:
         self._n += 1
         out = name or f"{op_type.lower()}_{self._n}"
         self.nodes.append(helper.make_node(op_type, inputs, [out], name=f"n{self._n}_{op_type}", **attrs))

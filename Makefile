@@ -1,0 +1,66 @@
+# A fresh clone needs two commands: `make serve` and `make test`. Everything else is built on demand.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+MODEL_REPO ?= model_repo
+GRPC_PORT ?= 50051
+METRICS_PORT ?= 9100
+# Set PARITY=0 to skip installing torch + transformers (the HF parity test then skips, saying why).
+PARITY ?= 1
+
+RUNTIME_STAMP := $(VENV)/.runtime-installed
+DEV_STAMP := $(VENV)/.dev-installed
+PARITY_STAMP := $(VENV)/.parity-installed
+STUBS := scoring/v1/scoring_pb2.py scoring/v1/scoring_pb2_grpc.py
+DEMO_MANIFEST := $(MODEL_REPO)/demo/1/manifest.json
+
+.PHONY: serve test lint typecheck bench stubs demo venv clean
+
+venv: $(RUNTIME_STAMP)
+
+$(RUNTIME_STAMP): requirements.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --disable-pip-version-check -q -r requirements.txt
+	touch $@
+
+$(DEV_STAMP): requirements-dev.txt $(RUNTIME_STAMP)
+	$(BIN)/pip install --disable-pip-version-check -q -r requirements-dev.txt
+	touch $@
+
+$(PARITY_STAMP): requirements-parity.txt $(RUNTIME_STAMP)
+	$(BIN)/pip install --disable-pip-version-check -q -r requirements-parity.txt \
+	  || echo "warning: torch/transformers not installed; tests/test_parity_hf.py will skip"
+	touch $@
+
+# Python stubs are generated from the proto, never edited by hand (and never committed).
+stubs: $(STUBS)
+$(STUBS) &: proto/scoring/v1/scoring.proto $(RUNTIME_STAMP)
+	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. \
+	  proto/scoring/v1/scoring.proto
+	touch scoring/__init__.py scoring/v1/__init__.py
+
+# The demo model is built, not committed: seeded, so every build is the same model.
+demo: $(DEMO_MANIFEST)
+$(DEMO_MANIFEST): | $(RUNTIME_STAMP)
+	$(BIN)/python -m tools.build_model --demo --out $(MODEL_REPO) --precision int8 --if-absent
+
+serve: $(STUBS) demo
+	$(BIN)/python -m server --model-repo $(MODEL_REPO) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
+
+lint: $(DEV_STAMP) $(STUBS)
+	$(BIN)/ruff check .
+
+typecheck: $(DEV_STAMP) $(STUBS)
+	$(BIN)/mypy server tools loadtest tests
+
+test: $(DEV_STAMP) $(STUBS) $(if $(filter 1,$(PARITY)),$(PARITY_STAMP))
+	$(BIN)/ruff check .
+	$(BIN)/mypy server tools loadtest tests
+	$(BIN)/pytest -q
+
+bench: $(DEV_STAMP) $(STUBS) demo
+	$(BIN)/python -m bench --model-repo $(MODEL_REPO) --out bench_out
+
+clean:
+	rm -rf scoring $(VENV) .mypy_cache .ruff_cache .pytest_cache bench_out

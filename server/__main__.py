@@ -1,0 +1,106 @@
+"""python -m server --model-repo DIR --grpc-port 50051 --metrics-port 9100
+
+Every flag can also be set by environment: --max-batch-size is SCORING_MAX_BATCH_SIZE, and so on.
+A flag on the command line wins over the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import uvloop
+from pythonjsonlogger.json import JsonFormatter
+
+from server.app import ScoringServer, ServerConfig
+from server.batcher import BatcherConfig
+from server.manager import ManagerConfig
+from server.runtime import RuntimeOptions
+from server.validation import RequestLimits
+
+ENV_PREFIX = "SCORING_"
+
+
+def _flag(ap: argparse.ArgumentParser, name: str, kind: Callable[[str], Any], default: Any, help_: str,
+          **kw: Any) -> None:
+    env = ENV_PREFIX + name.lstrip("-").replace("-", "_").upper()
+    value = os.environ.get(env)
+    ap.add_argument(name, type=kind, default=kind(value) if value is not None else default,
+                    help=f"{help_} [env {env}; default {default}]", **kw)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m server", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    d_batch, d_limits, d_rt = BatcherConfig(), RequestLimits(), RuntimeOptions()
+    _flag(ap, "--model-repo", Path, Path("model_repo"), "model repository root")
+    _flag(ap, "--default-model", str, None, "model used when a request names none (default: the only model)")
+    _flag(ap, "--host", str, "[::]", "gRPC bind address")
+    _flag(ap, "--grpc-port", int, 50051, "gRPC port (0 = pick a free one)")
+    _flag(ap, "--metrics-port", int, 9100, "Prometheus /metrics port (0 = off)")
+    _flag(ap, "--device", str, d_rt.device, "auto | cpu | cuda", choices=["auto", "cpu", "cuda"])
+    _flag(ap, "--precision", str, d_rt.precision, "auto (fp16 on GPU, fp32 on CPU) | fp32 | int8 | fp16",
+          choices=["auto", "fp32", "int8", "fp16"])
+    _flag(ap, "--intra-op-threads", int, d_rt.intra_op_threads, "ORT threads per batch (0 = one per core)")
+    _flag(ap, "--inter-op-threads", int, d_rt.inter_op_threads, "ORT inter-op threads")
+    _flag(ap, "--max-batch-size", int, d_batch.max_batch_size, "items per engine batch")
+    _flag(ap, "--max-batch-tokens", int, d_batch.max_batch_tokens, "batch size x padded length per batch")
+    _flag(ap, "--max-queue-delay-ms", float, d_batch.max_queue_delay_ms,
+          "how long an idle engine waits for more items to fill a batch")
+    _flag(ap, "--max-queue-size", int, d_batch.max_queue_size, "queued items before RESOURCE_EXHAUSTED")
+    _flag(ap, "--max-message-bytes", int, d_limits.max_message_bytes, "largest gRPC message accepted")
+    _flag(ap, "--grace-period-s", float, 10.0, "shutdown: time allowed for calls in flight")
+    _flag(ap, "--shutdown-delay-s", float, 0.0, "shutdown: NOT_SERVING this long before refusing calls")
+    _flag(ap, "--max-connection-age-s", float, 300.0, "clients reconnect after this long (rebalancing)")
+    _flag(ap, "--log-level", str, "INFO", "DEBUG | INFO | WARNING | ERROR")
+    return ap.parse_args(argv)
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    return ServerConfig(
+        manager=ManagerConfig(
+            repo=args.model_repo,
+            default_model=args.default_model,
+            runtime=RuntimeOptions(device=args.device, precision=args.precision,
+                                   intra_op_threads=args.intra_op_threads, inter_op_threads=args.inter_op_threads),
+            batcher=BatcherConfig(max_batch_size=args.max_batch_size, max_batch_tokens=args.max_batch_tokens,
+                                  max_queue_delay_ms=args.max_queue_delay_ms, max_queue_size=args.max_queue_size),
+        ),
+        host=args.host,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        limits=RequestLimits(max_message_bytes=args.max_message_bytes),
+        grace_period_s=args.grace_period_s,
+        shutdown_delay_s=args.shutdown_delay_s,
+        max_connection_age_s=args.max_connection_age_s,
+    )
+
+
+def setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter("{asctime}{levelname}{name}{message}", style="{",
+                                       rename_fields={"asctime": "time", "levelname": "level"}))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+
+
+async def serve(config: ServerConfig) -> None:
+    server = ScoringServer(config)
+    server.install_signal_handlers()
+    await server.start()
+    await server.wait_stopped()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging(args.log_level)
+    uvloop.run(serve(config_from_args(args)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

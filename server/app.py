@@ -1,0 +1,124 @@
+"""The server process: gRPC (scoring, health, reflection), metrics endpoint, startup and shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from scoring.v1 import scoring_pb2
+from server.manager import ManagerConfig, ModelManager
+from server.metrics import Metrics
+from server.servicer import SERVICE, ScorerServicer
+from server.validation import RequestLimits
+
+log = logging.getLogger(__name__)
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    manager: ManagerConfig
+    host: str = "[::]"
+    grpc_port: int = 50051
+    metrics_port: int = 9100  # 0 = no metrics endpoint
+    limits: RequestLimits = field(default_factory=RequestLimits)
+    grace_period_s: float = 10.0
+    shutdown_delay_s: float = 0.0  # NOT_SERVING this long before refusing calls, so balancers drain
+    max_connection_age_s: float = 300.0  # clients reconnect and rebalance across replicas
+
+
+class ScoringServer:
+    def __init__(self, config: ServerConfig, metrics: Metrics | None = None) -> None:
+        self.config = config
+        self.metrics = metrics or Metrics()
+        self.manager = ModelManager(config.manager, self.metrics)
+        self.health = health_aio.HealthServicer()
+        self.servicer = ScorerServicer(self.manager, self.metrics, config.limits)
+        self.port = 0
+        self._server: grpc.aio.Server | None = None
+        self._stopped = asyncio.Event()
+        self._shutting_down = False
+        self._background: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> int:
+        """Binds the ports, answers NOT_SERVING, loads and warms the models, then turns SERVING."""
+        cfg = self.config
+        options = [
+            ("grpc.max_receive_message_length", cfg.limits.max_message_bytes),
+            ("grpc.max_send_message_length", cfg.limits.max_message_bytes),
+            ("grpc.max_connection_age_ms", int(cfg.max_connection_age_s * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(cfg.grace_period_s * 1000)),
+            ("grpc.so_reuseport", 0),
+        ]
+        server = grpc.aio.server(options=options)
+        server.add_generic_rpc_handlers((self.servicer.handler(),))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (scoring_pb2.DESCRIPTOR.services_by_name["Scorer"].full_name,
+             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME),
+            server,
+        )
+        self.port = server.add_insecure_port(f"{cfg.host}:{cfg.grpc_port}")
+        if self.port == 0:
+            raise OSError(f"cannot bind gRPC port {cfg.host}:{cfg.grpc_port}")
+        await self._set_health(False)
+        await server.start()
+        self._server = server
+        if cfg.metrics_port:
+            start_http_server(cfg.metrics_port, registry=self.metrics.registry)
+        log.info("listening", extra={"event": "listening", "grpc_port": self.port, "metrics_port": cfg.metrics_port})
+        self.manager.on_change(self._schedule_health_refresh)
+        await self.manager.load_latest()
+        await self._refresh_health()
+        return self.port
+
+    def _schedule_health_refresh(self) -> None:
+        task = asyncio.get_running_loop().create_task(self._refresh_health())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _refresh_health(self) -> None:
+        await self._set_health(self.manager.is_serving() and not self._shutting_down)
+
+    async def _set_health(self, serving: bool) -> None:
+        status = SERVING if serving else NOT_SERVING
+        await self.health.set("", status)
+        await self.health.set(SERVICE, status)
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        task = asyncio.get_running_loop().create_task(self.stop(f"signal {sig.name}"))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def stop(self, why: str = "stop requested") -> None:
+        """NOT_SERVING first, then refuse new calls, answer every call in flight, release the engines."""
+        if self._shutting_down:
+            return
+        self._shutting_down = True
+        log.info("shutting down", extra={"event": "shutdown", "why": why, "grace_s": self.config.grace_period_s})
+        await self.health.enter_graceful_shutdown()
+        if self.config.shutdown_delay_s:
+            await asyncio.sleep(self.config.shutdown_delay_s)
+        if self._server is not None:
+            await self._server.stop(self.config.grace_period_s)
+        await self.manager.close()
+        log.info("stopped", extra={"event": "stopped"})
+        self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()

@@ -1,0 +1,83 @@
+"""A loaded model version: features, engine and batcher behind one handle."""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from server.batcher import Batcher, BatcherConfig
+from server.features import FeatureEncoder
+from server.manifest import Manifest
+from server.metrics import Metrics
+from server.runtime import ModelRuntime, RuntimeOptions
+
+log = logging.getLogger(__name__)
+
+
+class ModelState(enum.Enum):
+    LOADING = "loading"
+    WARMING = "warming"
+    READY = "ready"  # loaded and warm, not the serving version (reachable by explicit version)
+    SERVING = "serving"
+    DRAINING = "draining"
+    FAILED = "failed"
+    UNLOADED = "unloaded"
+
+
+def warm_up_shapes(manifest: Manifest, config: BatcherConfig) -> list[tuple[int, int]]:
+    """The (batch, length) shapes the batcher produces at the corners of its range."""
+    longest = manifest.max_seq_len
+    widest = max(1, min(config.max_batch_size, config.max_batch_tokens // 32))
+    shapes = [(1, 8), (1, longest), (widest, 32), (max(1, min(config.max_batch_size,
+                                                               config.max_batch_tokens // longest)), longest)]
+    return list(dict.fromkeys(shapes))
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    version: int
+    path: Path
+    manifest: Manifest
+    features: FeatureEncoder
+    runtime: ModelRuntime
+    batcher: Batcher
+    srcid_index: dict[int, int]
+    srcids: tuple[int, ...]
+    thresholds: np.ndarray
+    state: ModelState = ModelState.LOADING
+    loaded_at: float = 0.0
+
+    @staticmethod
+    def load(path: Path, manifest: Manifest, options: RuntimeOptions, config: BatcherConfig,
+             metrics: Metrics) -> LoadedModel:
+        """Creates the session and warms it up; blocking, so call it off the event loop."""
+        features = FeatureEncoder(path, manifest)
+        runtime = ModelRuntime(path, manifest, options)
+        seconds = runtime.warm_up(warm_up_shapes(manifest, config))
+        log.info("model warmed", extra={"event": "model_warmed", "model": manifest.model,
+                                        "version": manifest.version, "seconds": round(seconds, 3),
+                                        "provider": runtime.provider, "precision": runtime.precision})
+        thresholds = np.array([h.threshold for h in manifest.heads], np.float32)
+        version_metrics = metrics.for_version(manifest.model, manifest.version, manifest.srcids, thresholds)
+        batcher = Batcher(runtime.run, config, name=f"{manifest.model}-v{manifest.version}",
+                          on_batch=version_metrics.observe_batch)
+        return LoadedModel(
+            name=manifest.model,
+            version=manifest.version,
+            path=path,
+            manifest=manifest,
+            features=features,
+            runtime=runtime,
+            batcher=batcher,
+            srcid_index={s: i for i, s in enumerate(manifest.srcids)},
+            srcids=manifest.srcids,
+            thresholds=thresholds,
+            state=ModelState.READY,
+            loaded_at=time.time(),
+        )
