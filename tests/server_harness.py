@@ -1,0 +1,111 @@
+"""Starts the real server as a subprocess (`python -m server`) and talks to it over loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass
+class ServerProcess:
+    proc: subprocess.Popen[str]
+    grpc_port: int
+    metrics_port: int
+    log_lines: list[str] = field(default_factory=list)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def events(self) -> list[dict[str, object]]:
+        out = []
+        for line in list(self.log_lines):
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return out
+
+    def health(self, service: str = "") -> int:
+        with grpc.insecure_channel(self.target) as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            status: int = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2).status
+            return status
+
+    def wait_serving(self, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError("server exited:\n" + "\n".join(self.log_lines[-30:]))
+            try:
+                if self.health() == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError("server did not become SERVING:\n" + "\n".join(self.log_lines[-30:]))
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout=timeout)
+
+
+@contextmanager
+def run_server(repo: Path, *extra: str, wait: bool = True, env: dict[str, str] | None = None) -> Iterator[ServerProcess]:
+    grpc_port, metrics_port = free_port(), free_port()
+    cmd = [sys.executable, "-m", "server", "--model-repo", str(repo), "--host", "127.0.0.1",
+           "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port), "--intra-op-threads", "2", *extra]
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})})
+    server = ServerProcess(proc, grpc_port, metrics_port)
+
+    def pump() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            server.log_lines.append(line.rstrip("\n"))
+
+    threading.Thread(target=pump, daemon=True).start()
+    try:
+        if wait:
+            server.wait_serving()
+        yield server
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def scrape(server: ServerProcess) -> dict[str, float]:
+    """The metrics endpoint as {'name{labels}': value}."""
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5).read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            values[key] = float(value)
+    return values

@@ -1,0 +1,101 @@
+"""Queue limits, deadlines, health transitions and graceful shutdown of a real server process."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2
+
+from scoring.v1 import scoring_pb2, scoring_pb2_grpc
+from tests.server_harness import ServerProcess, run_server, scrape
+
+LONG_TITLE = "北京旅游攻略大全自由行三日游路线推荐" * 4
+
+
+async def _fire(target: str, n: int, timeout: float, delay_each: float = 0.0) -> list[grpc.StatusCode]:
+    """n concurrent Score calls; the status code of each."""
+    async with grpc.aio.insecure_channel(target) as ch:
+        stub = scoring_pb2_grpc.ScorerStub(ch)  # type: ignore[no-untyped-call]
+
+        async def one(i: int) -> grpc.StatusCode:
+            await asyncio.sleep(delay_each * i)
+            try:
+                await stub.Score(scoring_pb2.ScoreRequest(query=f"查询{i}", title=LONG_TITLE), timeout=timeout)
+                return grpc.StatusCode.OK
+            except grpc.aio.AioRpcError as err:
+                return err.code()
+
+        return list(await asyncio.gather(*(one(i) for i in range(n))))
+
+
+def test_queue_full_is_refused_at_once_and_counted(demo_repo: Path) -> None:
+    with run_server(demo_repo, "--max-queue-size", "4", "--max-batch-size", "2") as srv:
+        t0 = time.monotonic()
+        codes = asyncio.run(_fire(srv.target, 60, timeout=60))
+        elapsed = time.monotonic() - t0
+        refused = codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED)
+        assert refused > 0 and codes.count(grpc.StatusCode.OK) > 0
+        assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
+        m = scrape(srv)
+        assert m['model_lost_total{model="demo",reason="queue_full",version="1"}'] == refused
+        assert m['model_pv_total{model="demo",version="1"}'] == 60
+        assert elapsed < 60
+
+
+def test_expired_deadlines_are_not_computed(demo_repo: Path) -> None:
+    with run_server(demo_repo, "--max-batch-size", "1", "--max-queue-delay-ms", "0") as srv:
+        codes = asyncio.run(_fire(srv.target, 40, timeout=0.25))
+        time.sleep(1.0)  # let the dispatcher reach and drop the expired items
+        m = scrape(srv)
+        expired = codes.count(grpc.StatusCode.DEADLINE_EXCEEDED)
+        assert expired > 0
+        computed = m['scoring_batch_size_sum{model="demo"}']  # warm-up does not go through the batcher
+        assert computed < 40, "expired requests must be dropped before compute"
+        lost = (m['model_lost_total{model="demo",reason="deadline",version="1"}']
+                + m['model_lost_total{model="demo",reason="cancelled",version="1"}'])
+        # A request computed just before its deadline may still reach the client late: not lost here.
+        assert 0 < lost <= expired
+        assert computed + lost >= 40
+
+
+def test_not_serving_without_a_model(tmp_path: Path) -> None:
+    with run_server(tmp_path, wait=False) as srv:
+        deadline = time.monotonic() + 60
+        status = None
+        while time.monotonic() < deadline:
+            try:
+                status = srv.health()
+                break
+            except grpc.RpcError:
+                time.sleep(0.1)
+        assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+        with grpc.insecure_channel(srv.target) as ch:
+            stub = scoring_pb2_grpc.ScorerStub(ch)  # type: ignore[no-untyped-call]
+            try:
+                stub.Score(scoring_pb2.ScoreRequest(query="x"), timeout=5)
+                raise AssertionError("a server without a model must not answer")
+            except grpc.RpcError as err:
+                assert err.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_sigterm_answers_in_flight_then_exits(demo_repo: Path) -> None:
+    with run_server(demo_repo, "--shutdown-delay-s", "1", "--grace-period-s", "20") as srv:
+
+        async def scenario(server: ServerProcess) -> tuple[list[grpc.StatusCode], int]:
+            calls = asyncio.ensure_future(_fire(server.target, 30, timeout=60))
+            await asyncio.sleep(0.3)
+            server.proc.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.5)
+            health = await asyncio.to_thread(server.health)
+            return await calls, health
+
+        codes, health = asyncio.run(scenario(srv))
+        assert health == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert codes == [grpc.StatusCode.OK] * 30, codes
+        assert srv.proc.wait(timeout=30) == 0
+        events = [e.get("event") for e in srv.events()]
+        assert "shutdown" in events and "stopped" in events
