@@ -74,7 +74,9 @@ class ServerProcess:
 
 
 @contextmanager
-def run_server(repo: Path, *extra: str, wait: bool = True, env: dict[str, str] | None = None) -> Iterator[ServerProcess]:
+def run_server(
+    repo: Path, *extra: str, wait: bool = True, env: dict[str, str] | None = None
+) -> Iterator[ServerProcess]:
     grpc_port, metrics_port = free_port(), free_port()
     cmd = [sys.executable, "-m", "server", "--model-repo", str(repo), "--host", "127.0.0.1",
            "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port), "--intra-op-threads", "2", *extra]
