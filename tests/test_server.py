@@ -233,7 +233,7 @@ def test_reflection_lists_the_services(server: ServerProcess) -> None:
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
     with grpc.insecure_channel(server.target) as ch:
-        rstub = reflection_pb2_grpc.ServerReflectionStub(ch)  # type: ignore[no-untyped-call]
+        rstub = reflection_pb2_grpc.ServerReflectionStub(ch)
         responses = rstub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
                                                timeout=10)
         names = {s.name for r in responses for s in r.list_services_response.service}
