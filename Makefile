@@ -9,13 +9,14 @@ METRICS_PORT ?= 9100
 # Set PARITY=0 to skip installing torch + transformers (the HF parity test then skips, saying why).
 PARITY ?= 1
 
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 RUNTIME_STAMP := $(VENV)/.runtime-installed
 DEV_STAMP := $(VENV)/.dev-installed
 PARITY_STAMP := $(VENV)/.parity-installed
 STUBS := scoring/v1/scoring_pb2.py scoring/v1/scoring_pb2_grpc.py
 DEMO_MANIFEST := $(MODEL_REPO)/demo/1/manifest.json
 
-.PHONY: serve test lint typecheck bench stubs demo venv clean
+.PHONY: serve test lint typecheck bench stubs demo venv clean prometheus-installed
 
 venv: $(RUNTIME_STAMP)
 
@@ -32,6 +33,12 @@ $(PARITY_STAMP): requirements-parity.txt $(RUNTIME_STAMP)
 	$(BIN)/pip install --disable-pip-version-check -q -r requirements-parity.txt \
 	  || echo "warning: torch/transformers not installed; tests/test_parity_hf.py will skip"
 	touch $@
+
+# Debian's prometheus package (prometheus + promtool) for the observability tests.
+prometheus-installed:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
+	  $(SUDO) apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
 
 # Python stubs are generated from the proto, never edited by hand (and never committed).
 stubs: $(STUBS)
@@ -52,12 +59,12 @@ lint: $(DEV_STAMP) $(STUBS)
 	$(BIN)/ruff check .
 
 typecheck: $(DEV_STAMP) $(STUBS)
-	$(BIN)/mypy server tools loadtest tests
+	$(BIN)/mypy server tools loadtest tests dashboards
 
-test: $(DEV_STAMP) $(STUBS) $(if $(filter 1,$(PARITY)),$(PARITY_STAMP))
+test: $(DEV_STAMP) $(STUBS) $(if $(filter 1,$(PARITY)),$(PARITY_STAMP)) prometheus-installed
 	$(BIN)/ruff check .
-	$(BIN)/mypy server tools loadtest tests
-	$(BIN)/pytest -q
+	$(BIN)/mypy server tools loadtest tests dashboards
+	SCORING_REQUIRE_PROMETHEUS=1 $(BIN)/pytest -q
 
 bench: $(DEV_STAMP) $(STUBS) demo
 	$(BIN)/python -m bench --model-repo $(MODEL_REPO) --out bench_out

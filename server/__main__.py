@@ -7,18 +7,16 @@ A flag on the command line wins over the environment.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import uvloop
-from pythonjsonlogger.json import JsonFormatter
 
 from server.app import ScoringServer, ServerConfig
 from server.batcher import BatcherConfig
+from server.logs import setup_logging
 from server.manager import ManagerConfig
 from server.runtime import RuntimeOptions
 from server.validation import RequestLimits
@@ -79,13 +77,6 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         shutdown_delay_s=args.shutdown_delay_s,
         max_connection_age_s=args.max_connection_age_s,
     )
-
-
-def setup_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter("{asctime}{levelname}{name}{message}", style="{",
-                                       rename_fields={"asctime": "time", "levelname": "level"}))
-    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
 
 
 async def serve(config: ServerConfig) -> None:

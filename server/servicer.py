@@ -20,6 +20,7 @@ from google.protobuf.message import DecodeError, Message
 from scoring.v1 import scoring_pb2
 from server.batcher import BatcherClosed, DeadlineExpired, EngineFailed, QueueFull
 from server.features import EncodedRequest
+from server.logs import SampledLog
 from server.manager import ModelManager, ModelNotFound, ModelUnavailable
 from server.metrics import UNKNOWN, LostReason, Metrics
 from server.model import LoadedModel
@@ -44,6 +45,7 @@ class _Ledger:
         self.metrics = metrics
         self.labels = labels
         self.counted = False
+        self.request_id = ""
 
     def arrive(self) -> None:
         if not self.counted:
@@ -86,6 +88,7 @@ class ScorerServicer:
         self.manager = manager
         self.metrics = metrics
         self.limits = limits
+        self._rejections = SampledLog(log)
 
     # --- shared steps -----------------------------------------------------------------------------
 
@@ -138,9 +141,12 @@ class ScorerServicer:
 
     async def _finish(self, ledger: _Ledger, context: grpc.aio.ServicerContext, rej: _Rejection) -> None:
         ledger.lose(rej.reason)
-        if rej.reason in (LostReason.INTERNAL, LostReason.QUEUE_FULL):
-            log.warning("request rejected", extra={"event": "rejected", "reason": rej.reason.value,
-                                                   "detail": rej.message})
+        model, version = ledger.labels[0]
+        fields = {"event": "rejected", "reason": rej.reason.value, "code": rej.code.name, "detail": rej.message,
+                  "request_id": ledger.request_id[:128], "model": model, "version": version,
+                  "items": len(ledger.labels)}
+        level = logging.ERROR if rej.reason is LostReason.INTERNAL else logging.WARNING
+        self._rejections.log(level, rej.reason.value, "request rejected", **fields)
         await context.abort(rej.code, rej.message)
 
     @staticmethod
@@ -155,6 +161,7 @@ class ScorerServicer:
         ledger = _Ledger(self.metrics, [(UNKNOWN, UNKNOWN)])
         try:
             req = self._decode(raw, scoring_pb2.ScoreRequest)
+            ledger.request_id = req.request_id
             ledger.labels = [self._labels(req.model)]
             model = self._resolve(req.model, req.version)
             ledger.labels = [(model.name, str(model.version))]
@@ -181,6 +188,7 @@ class ScorerServicer:
             batch = self._decode(raw, scoring_pb2.ScoreBatchRequest)
             items = list(batch.items)
             ledger.labels = [self._labels(it.model) for it in items]
+            ledger.request_id = items[0].request_id if items else ""
             if not items:
                 raise _reject(LostReason.INVALID, "items is empty")
             if len(items) > self.limits.max_batch_items:

@@ -99,3 +99,25 @@ def test_sigterm_answers_in_flight_then_exits(demo_repo: Path) -> None:
         assert srv.proc.wait(timeout=30) == 0
         events = [e.get("event") for e in srv.events()]
         assert "shutdown" in events and "stopped" in events
+
+
+def test_logs_are_json_with_request_id_and_no_line_per_request(demo_repo: Path) -> None:
+    with run_server(demo_repo) as srv:
+        with grpc.insecure_channel(srv.target) as ch:
+            stub = scoring_pb2_grpc.ScorerStub(ch)  # type: ignore[no-untyped-call]
+            for i in range(20):
+                stub.Score(scoring_pb2.ScoreRequest(query=f"正常{i}", request_id=f"ok-{i}"), timeout=30)
+            try:
+                stub.Score(scoring_pb2.ScoreRequest(query=" ", request_id="bad-42"), timeout=30)
+            except grpc.RpcError:
+                pass
+        time.sleep(0.3)
+        assert srv.stop() == 0
+    lines = [line for line in srv.log_lines if line.startswith("{")]
+    events = srv.events()
+    assert len(events) == len(lines), "every server log line is JSON"
+    assert not any("ok-" in line for line in lines), "no log line per successful request"
+    rejected = [e for e in events if e.get("event") == "rejected"]
+    assert rejected and rejected[0]["request_id"] == "bad-42" and rejected[0]["reason"] == "invalid"
+    lifecycle = {e.get("event") for e in events}
+    assert {"model_loading", "model_warmed", "model_serving", "shutdown", "stopped"} <= lifecycle
