@@ -117,18 +117,21 @@ class ScorerServicer:
         name = model or self.manager.default_model or UNKNOWN
         return (name if self.manager.known_model(name) else UNKNOWN), UNKNOWN
 
-    async def _score_items(
-        self, model: LoadedModel, items: list[EncodedRequest], context: grpc.aio.ServicerContext
-    ) -> list[np.ndarray]:
+    def _submit(self, model: LoadedModel, items: list[EncodedRequest],
+                context: grpc.aio.ServicerContext) -> list[asyncio.Future[np.ndarray]]:
+        """Queues items on the version that was just resolved. Synchronous on purpose: no other task
+        runs between resolving a version and queueing on it, so a swap cannot close it in between."""
         remaining = context.time_remaining()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + remaining if remaining is not None else None
+        deadline = asyncio.get_running_loop().time() + remaining if remaining is not None else None
         try:
-            futures = model.batcher.submit(items, deadline)
+            return model.batcher.submit(items, deadline)
         except QueueFull as exc:
             raise _reject(LostReason.QUEUE_FULL, f"server overloaded: {exc}") from exc
         except BatcherClosed as exc:
             raise _reject(LostReason.UNAVAILABLE, f"version {model.version} is draining; retry") from exc
+
+    @staticmethod
+    async def _results(futures: list[asyncio.Future[np.ndarray]]) -> list[np.ndarray]:
         try:
             return list(await asyncio.gather(*futures)) if len(futures) > 1 else [await futures[0]]
         except DeadlineExpired as exc:
@@ -141,7 +144,7 @@ class ScorerServicer:
 
     async def _finish(self, ledger: _Ledger, context: grpc.aio.ServicerContext, rej: _Rejection) -> None:
         ledger.lose(rej.reason)
-        model, version = ledger.labels[0]
+        model, version = ledger.labels[0] if ledger.labels else (UNKNOWN, UNKNOWN)
         fields = {"event": "rejected", "reason": rej.reason.value, "code": rej.code.name, "detail": rej.message,
                   "request_id": ledger.request_id[:128], "model": model, "version": version,
                   "items": len(ledger.labels)}
@@ -170,7 +173,7 @@ class ScorerServicer:
                 item = validate_and_encode(req, model, self.limits)
             except InvalidRequest as exc:
                 raise _reject(LostReason.INVALID, str(exc)) from exc
-            (row,) = await self._score_items(model, [item], context)
+            (row,) = await self._results(self._submit(model, [item], context))
             response = build_response(model, row, list(req.srcids))
         except _Rejection as rej:
             await self._finish(ledger, context, rej)
@@ -178,6 +181,10 @@ class ScorerServicer:
         except asyncio.CancelledError:
             ledger.lose(self._cancel_reason(context))
             raise
+        except Exception:  # a bug, not the caller's fault: answer INTERNAL, count it, keep serving
+            log.exception("unexpected error", extra={"event": "internal_error", "request_id": ledger.request_id})
+            await self._finish(ledger, context, _reject(LostReason.INTERNAL, "internal error"))
+            raise AssertionError("unreachable: abort raises") from None
         self.metrics.request_latency.labels(model.name, "Score").observe(time.perf_counter() - t0)
         return response
 
@@ -219,25 +226,31 @@ class ScorerServicer:
         except asyncio.CancelledError:
             ledger.lose(self._cancel_reason(context))
             raise
+        except Exception:  # a bug, not the caller's fault: answer INTERNAL, count it, keep serving
+            log.exception("unexpected error", extra={"event": "internal_error", "request_id": ledger.request_id})
+            await self._finish(ledger, context, _reject(LostReason.INTERNAL, "internal error"))
+            raise AssertionError("unreachable: abort raises") from None
         self.metrics.request_latency.labels(models[0].name, "ScoreBatch").observe(time.perf_counter() - t0)
         return response
 
     async def _score_groups(self, models: list[LoadedModel], items: list[EncodedRequest],
                             context: grpc.aio.ServicerContext) -> list[np.ndarray]:
-        """Items of one call usually share a version; otherwise each version's batcher gets its share."""
-        first = models[0]
-        if all(m is first for m in models):
-            return await self._score_items(first, items, context)
+        """Items of one call usually share a version; otherwise each version's batcher gets its share.
+        Admission is all-or-nothing: if one group is refused, the groups already queued are withdrawn."""
         groups: dict[int, list[int]] = {}
         for i, m in enumerate(models):
             groups.setdefault(id(m), []).append(i)
-        rows: list[np.ndarray] = [np.empty(0)] * len(items)
-        results = await asyncio.gather(*(self._score_items(models[idx[0]], [items[i] for i in idx], context)
-                                         for idx in groups.values()))
-        for idx, group_rows in zip(groups.values(), results, strict=True):
-            for i, row in zip(idx, group_rows, strict=True):
-                rows[i] = row
-        return rows
+        futures: list[asyncio.Future[np.ndarray]] = [None] * len(items)  # type: ignore[list-item]
+        try:
+            for idx in groups.values():
+                for i, fut in zip(idx, self._submit(models[idx[0]], [items[i] for i in idx], context), strict=True):
+                    futures[i] = fut
+        except _Rejection:
+            for fut in futures:
+                if fut is not None:
+                    fut.cancel()
+            raise
+        return await self._results(futures)
 
     async def GetModelInfo(self, raw: bytes, context: grpc.aio.ServicerContext) -> scoring_pb2.ModelInfo:
         try:
