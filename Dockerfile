@@ -20,7 +20,7 @@ RUN python3 -m venv /opt/venv \
  && /opt/venv/bin/pip install -r requirements.txt
 COPY proto proto
 RUN /opt/venv/bin/python -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. \
-      proto/scoring/v1/scoring.proto \
+      proto/scoring/v1/scoring.proto proto/scoring/v1/admin.proto \
  && touch scoring/__init__.py scoring/v1/__init__.py
 COPY server server
 COPY tools tools

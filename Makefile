@@ -13,7 +13,8 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 RUNTIME_STAMP := $(VENV)/.runtime-installed
 DEV_STAMP := $(VENV)/.dev-installed
 PARITY_STAMP := $(VENV)/.parity-installed
-STUBS := scoring/v1/scoring_pb2.py scoring/v1/scoring_pb2_grpc.py
+PROTOS := proto/scoring/v1/scoring.proto proto/scoring/v1/admin.proto
+STUBS := scoring/v1/scoring_pb2.py scoring/v1/scoring_pb2_grpc.py scoring/v1/admin_pb2.py scoring/v1/admin_pb2_grpc.py
 DEMO_MANIFEST := $(MODEL_REPO)/demo/1/manifest.json
 
 .PHONY: serve test lint typecheck bench stubs demo venv clean prometheus-installed
@@ -42,9 +43,8 @@ prometheus-installed:
 
 # Python stubs are generated from the proto, never edited by hand (and never committed).
 stubs: $(STUBS)
-$(STUBS) &: proto/scoring/v1/scoring.proto $(RUNTIME_STAMP)
-	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. \
-	  proto/scoring/v1/scoring.proto
+$(STUBS) &: $(PROTOS) $(RUNTIME_STAMP)
+	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
 	touch scoring/__init__.py scoring/v1/__init__.py
 
 # The demo model is built, not committed: seeded, so every build is the same model.

@@ -55,8 +55,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     _flag(ap, "--grace-period-s", float, 10.0, "shutdown: time allowed for calls in flight")
     _flag(ap, "--shutdown-delay-s", float, 0.0, "shutdown: NOT_SERVING this long before refusing calls")
     _flag(ap, "--max-connection-age-s", float, 300.0, "clients reconnect after this long (rebalancing)")
+    _flag(ap, "--poll-interval-s", float, 5.0, "rescan the model repository this often (0 = only on admin call)")
+    _flag(ap, "--pin", str, "", "serve these versions instead of the newest: model=version[,model=version]")
+    _flag(ap, "--admin-host", str, "127.0.0.1", "ModelAdmin bind address (loopback unless a token is set)")
+    _flag(ap, "--admin-port", int, 50052, "ModelAdmin port (0 = off)")
+    _flag(ap, "--admin-token", str, "", "shared token for ModelAdmin (`authorization: Bearer <token>`)")
     _flag(ap, "--log-level", str, "INFO", "DEBUG | INFO | WARNING | ERROR")
     return ap.parse_args(argv)
+
+
+def parse_pins(text: str) -> dict[str, int]:
+    pins = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        model, sep, version = part.partition("=")
+        if not sep or not version.isdigit() or int(version) <= 0:
+            raise SystemExit(f"--pin expects model=version, got {part!r}")
+        pins[model] = int(version)
+    return pins
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
@@ -68,7 +83,12 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                                    intra_op_threads=args.intra_op_threads, inter_op_threads=args.inter_op_threads),
             batcher=BatcherConfig(max_batch_size=args.max_batch_size, max_batch_tokens=args.max_batch_tokens,
                                   max_queue_delay_ms=args.max_queue_delay_ms, max_queue_size=args.max_queue_size),
+            poll_interval_s=args.poll_interval_s,
+            pinned=parse_pins(args.pin),
         ),
+        admin_host=args.admin_host,
+        admin_port=args.admin_port,
+        admin_token=args.admin_token,
         host=args.host,
         grpc_port=args.grpc_port,
         metrics_port=args.metrics_port,

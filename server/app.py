@@ -13,7 +13,8 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from scoring.v1 import scoring_pb2
+from scoring.v1 import admin_pb2_grpc, scoring_pb2
+from server.admin import AdminServicer, TokenInterceptor
 from server.manager import ManagerConfig, ModelManager
 from server.metrics import Metrics
 from server.servicer import SERVICE, ScorerServicer
@@ -34,6 +35,9 @@ class ServerConfig:
     grace_period_s: float = 10.0
     shutdown_delay_s: float = 0.0  # NOT_SERVING this long before refusing calls, so balancers drain
     max_connection_age_s: float = 300.0  # clients reconnect and rebalance across replicas
+    admin_host: str = "127.0.0.1"
+    admin_port: int = 50052  # 0 = no admin service
+    admin_token: str = ""  # empty = no token (only sensible on loopback)
 
 
 class ScoringServer:
@@ -44,7 +48,9 @@ class ScoringServer:
         self.health = health_aio.HealthServicer()
         self.servicer = ScorerServicer(self.manager, self.metrics, config.limits)
         self.port = 0
+        self.admin_port = 0
         self._server: grpc.aio.Server | None = None
+        self._admin: grpc.aio.Server | None = None
         self._stopped = asyncio.Event()
         self._shutting_down = False
         self._background: set[asyncio.Task[None]] = set()
@@ -78,9 +84,27 @@ class ScoringServer:
             start_http_server(cfg.metrics_port, registry=self.metrics.registry)
         log.info("listening", extra={"event": "listening", "grpc_port": self.port, "metrics_port": cfg.metrics_port})
         self.manager.on_change(self._schedule_health_refresh)
-        await self.manager.load_latest()
+        if cfg.admin_port:
+            await self._start_admin()
+        await self.manager.start()
         await self._refresh_health()
         return self.port
+
+    async def _start_admin(self) -> None:
+        cfg = self.config
+        if not cfg.admin_token and cfg.admin_host not in ("127.0.0.1", "::1", "localhost"):
+            log.warning("admin service exposed without a token", extra={"event": "admin_insecure",
+                                                                         "host": cfg.admin_host})
+        interceptors = [TokenInterceptor(cfg.admin_token)] if cfg.admin_token else []
+        admin = grpc.aio.server(interceptors=interceptors)
+        admin_pb2_grpc.add_ModelAdminServicer_to_server(AdminServicer(self.manager), admin)  # type: ignore[no-untyped-call]
+        self.admin_port = admin.add_insecure_port(f"{cfg.admin_host}:{cfg.admin_port}")
+        if self.admin_port == 0:
+            raise OSError(f"cannot bind admin port {cfg.admin_host}:{cfg.admin_port}")
+        await admin.start()
+        self._admin = admin
+        log.info("admin listening", extra={"event": "admin_listening", "host": cfg.admin_host,
+                                            "port": self.admin_port, "token": bool(cfg.admin_token)})
 
     def _schedule_health_refresh(self) -> None:
         task = asyncio.get_running_loop().create_task(self._refresh_health())
@@ -114,6 +138,8 @@ class ScoringServer:
         await self.health.enter_graceful_shutdown()
         if self.config.shutdown_delay_s:
             await asyncio.sleep(self.config.shutdown_delay_s)
+        if self._admin is not None:
+            await self._admin.stop(0)
         if self._server is not None:
             await self._server.stop(self.config.grace_period_s)
         await self.manager.close()

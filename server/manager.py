@@ -1,24 +1,31 @@
-"""Which model versions are loaded and which one serves; the servicer only asks `resolve`."""
+"""Model versions: which are on disk, loaded, serving; how the serving one changes without loss.
+
+The policy follows TensorFlow Serving's availability-preserving manager: a new version is fully
+loaded, warmed and validated before it serves; the switch is one assignment on the event loop;
+the old version then drains (queued and running batches finish) and is released. A version that
+fails any step never serves, keeps its reason, and is retried only when its files change.
+
+The servicer only calls `resolve`; everything else runs under one lifecycle lock.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from server.batcher import BatcherConfig
+from server.manifest import ManifestError, verify_files
 from server.metrics import Metrics
 from server.model import LoadedModel, ModelState
-from server.repository import VersionStatus, latest_complete, scan_repository
+from server.repository import VERSION_RE, VersionStatus, scan_repository, valid_model_name
 from server.runtime import RuntimeOptions
 
 log = logging.getLogger(__name__)
-
-
-def _depth_of(model: LoadedModel) -> Callable[[], float]:
-    return lambda: float(model.batcher.queue_depth)
+Signature = tuple[tuple[str, int, int], ...]
 
 
 class ModelNotFound(LookupError):
@@ -29,127 +36,339 @@ class ModelUnavailable(RuntimeError):
     """The model exists but no version is ready to serve."""
 
 
+class LifecycleError(RuntimeError):
+    """An admin operation that cannot apply in the current state."""
+
+
 @dataclass(frozen=True)
 class ManagerConfig:
     repo: Path
     default_model: str | None = None
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
     batcher: BatcherConfig = field(default_factory=BatcherConfig)
+    poll_interval_s: float = 5.0  # 0 = no polling; admin ReloadRepository still rescans
+    pinned: dict[str, int] = field(default_factory=dict)  # model -> version, from --pin
+
+
+@dataclass
+class VersionRecord:
+    model: str
+    version: int
+    path: Path
+    state: ModelState = ModelState.UNLOADED
+    reason: str = ""
+    signature: Signature = ()  # the files as they were when the version was last tried
+    loaded: LoadedModel | None = None
+    keep_loaded: bool = False  # loaded by an admin call: stays loaded when it stops serving
+    on_disk: bool = True
+
+    @property
+    def usable(self) -> bool:
+        return self.loaded is not None and self.state in (ModelState.READY, ModelState.SERVING)
+
+
+def folder_signature(path: Path) -> Signature:
+    """Names, sizes and modification times: cheap, and changes whenever a file is replaced."""
+    try:
+        return tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in path.iterdir() if p.is_file()))
+    except OSError:
+        return ()
+
+
+@dataclass
+class _ModelRecords:
+    versions: dict[int, VersionRecord] = field(default_factory=dict)
+    serving: VersionRecord | None = None
+    pinned: int = 0
+    history: list[int] = field(default_factory=list)  # serving versions, oldest first
 
 
 class ModelManager:
     def __init__(self, config: ManagerConfig, metrics: Metrics) -> None:
         self.config = config
         self.metrics = metrics
-        self._versions: dict[str, dict[int, LoadedModel]] = {}
-        self._serving: dict[str, LoadedModel] = {}
+        self._models: dict[str, _ModelRecords] = {}
+        self._lock = asyncio.Lock()
         self._listeners: list[Callable[[], None]] = []
+        self._poller: asyncio.Task[None] | None = None
+        self._drains: set[asyncio.Task[None]] = set()
+        for name, version in config.pinned.items():
+            self._models.setdefault(name, _ModelRecords()).pinned = version
 
-    # --- queries (event loop only) ----------------------------------------------------------------
+    # --- what the servicer sees (event loop only, never blocks) ---------------------------------
 
     @property
     def default_model(self) -> str | None:
         if self.config.default_model:
             return self.config.default_model
-        names = sorted(self._serving) or sorted(self._versions)
+        names = [n for n, m in self._models.items() if m.versions]
         return names[0] if len(names) == 1 else None
 
     def known_model(self, name: str) -> bool:
-        return name in self._versions
-
-    def serving(self) -> dict[str, LoadedModel]:
-        return dict(self._serving)
+        return name in self._models and bool(self._models[name].versions)
 
     def is_serving(self) -> bool:
-        """True when the default model (or, without one, every model) has a warm serving version."""
+        """True when the default model (or, without one, every known model) has a serving version."""
         default = self.default_model
         if default is not None:
-            return default in self._serving
-        return bool(self._serving) and set(self._serving) == set(self._versions)
+            m = self._models.get(default)
+            return m is not None and m.serving is not None
+        known = [m for m in self._models.values() if m.versions]
+        return bool(known) and all(m.serving is not None for m in known)
 
     def resolve(self, model: str, version: int) -> LoadedModel:
         """The serving version (version 0) or a named loaded version of `model` ('' = default)."""
         name = model or self.default_model
         if name is None:
             raise ModelNotFound("no model named and the server has no default model; set the request's model")
-        versions = self._versions.get(name)
-        if versions is None:
+        records = self._models.get(name)
+        if records is None or not records.versions:
             raise ModelNotFound(f"model {name!r} is not loaded")
         if version == 0:
-            serving = self._serving.get(name)
-            if serving is None:
+            serving = records.serving
+            if serving is None or serving.loaded is None:
                 raise ModelUnavailable(f"model {name!r} has no version ready to serve yet")
-            return serving
-        loaded = versions.get(version)
-        if loaded is None or loaded.state not in (ModelState.READY, ModelState.SERVING):
-            ready = sorted(v for v, m in versions.items() if m.state in (ModelState.READY, ModelState.SERVING))
+            return serving.loaded
+        record = records.versions.get(version)
+        if record is None or not record.usable or record.loaded is None:
+            ready = sorted(v for v, r in records.versions.items() if r.usable)
             raise ModelNotFound(f"version {version} of {name!r} is not loaded (loaded: {ready})")
-        return loaded
+        return record.loaded
 
     def on_change(self, listener: Callable[[], None]) -> None:
         self._listeners.append(listener)
 
-    # --- lifecycle --------------------------------------------------------------------------------
+    def snapshot(self, model: str = "") -> dict[str, _ModelRecords]:
+        return {n: m for n, m in sorted(self._models.items()) if not model or n == model}
 
-    async def load_latest(self) -> None:
-        """Loads the newest complete version of every model in the repository and serves it."""
-        repo = await asyncio.to_thread(scan_repository, self.config.repo)
-        for name, statuses in repo.items():
-            for s in statuses:
-                if not s.complete:
-                    log.warning("incomplete version skipped", extra={"event": "version_incomplete", "model": name,
-                                                                      "version": s.version, "reason": s.error})
-            latest = latest_complete(statuses)
-            if latest is not None:
-                await self.load_and_serve(latest)
+    # --- repository ---------------------------------------------------------------------------------
 
-    async def load_and_serve(self, status: VersionStatus) -> LoadedModel | None:
-        assert status.manifest is not None
-        name, version = status.model, status.version
-        log.info("loading version", extra={"event": "model_loading", "model": name, "version": version})
+    async def start(self) -> None:
+        await self.reconcile()
+        if self.config.poll_interval_s > 0:
+            self._poller = asyncio.get_running_loop().create_task(self._poll(), name="repository-poller")
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.poll_interval_s)
+            try:
+                await self.reconcile()
+            except Exception:
+                log.exception("repository poll failed", extra={"event": "poll_failed"})
+
+    async def reconcile(self) -> None:
+        """Rescans the repository and moves every model towards its aspired serving version."""
+        async with self._lock:
+            found = await asyncio.to_thread(scan_repository, self.config.repo, verify_checksums=False)
+            signatures = await asyncio.to_thread(
+                lambda: {(n, s.version): folder_signature(s.path) for n, sts in found.items() for s in sts})
+            for name, statuses in found.items():
+                self._sync_records(name, statuses, signatures)
+            for name, records in self._models.items():
+                if name not in found:
+                    for r in records.versions.values():
+                        r.on_disk = False
+            for name in list(self._models):
+                await self._converge(name)
+
+    def _sync_records(self, name: str, statuses: list[VersionStatus],
+                      signatures: dict[tuple[str, int], Signature]) -> None:
+        records = self._models.setdefault(name, _ModelRecords())
+        seen = set()
+        for s in statuses:
+            seen.add(s.version)
+            sig = signatures[(name, s.version)]
+            record = records.versions.get(s.version)
+            if record is None:
+                record = records.versions[s.version] = VersionRecord(name, s.version, s.path)
+            record.on_disk = True
+            if record.state is ModelState.FAILED and record.signature != sig:
+                record.state, record.reason = ModelState.UNLOADED, ""  # its files changed: try again
+            if not s.complete and record.state is ModelState.UNLOADED:
+                self._fail(record, f"incomplete: {s.error}", sig)
+        for version, record in records.versions.items():
+            if version not in seen:
+                record.on_disk = False
+
+    def _aspired(self, name: str) -> int:
+        records = self._models[name]
+        if records.pinned:
+            return records.pinned
+        candidates = [v for v, r in records.versions.items() if r.on_disk and r.state is not ModelState.FAILED]
+        return max(candidates, default=0)
+
+    async def _converge(self, name: str) -> None:
+        records = self._models[name]
+        target = self._aspired(name)
+        if not target or (records.serving is not None and records.serving.version == target):
+            return
+        record = records.versions.get(target)
+        if record is None or record.state is ModelState.FAILED:
+            return  # a pinned version that is missing or failed: keep serving what serves
+        if await self._ensure_loaded(record):
+            self._switch(name, record)
+
+    # --- load, switch, drain -------------------------------------------------------------------------
+
+    def _fail(self, record: VersionRecord, reason: str, signature: Signature) -> None:
+        record.state, record.reason, record.signature = ModelState.FAILED, reason, signature
+        self.metrics.model_loads.labels(record.model, "failed").inc()
+        log.error("version failed", extra={"event": "model_load_failed", "model": record.model,
+                                            "version": record.version, "reason": reason})
+        self._publish()
+
+    async def _ensure_loaded(self, record: VersionRecord) -> bool:
+        """Verify checksums, create the session off the loop, warm up, check golden requests."""
+        if record.usable:
+            return True
+        signature = await asyncio.to_thread(folder_signature, record.path)
+        log.info("loading version", extra={"event": "model_loading", "model": record.model,
+                                            "version": record.version})
+        record.state, record.reason = ModelState.LOADING, ""
+        self._publish()
+        t0 = time.perf_counter()
         try:
-            loaded = await asyncio.to_thread(
-                LoadedModel.load, status.path, status.manifest, self.config.runtime, self.config.batcher, self.metrics
-            )
+            from server.manifest import read_manifest
+
+            manifest = await asyncio.to_thread(read_manifest, record.path)
+            if (manifest.model, manifest.version) != (record.model, record.version):
+                raise ManifestError(f"manifest names {manifest.model}/{manifest.version}")
+            await asyncio.to_thread(verify_files, record.path, manifest)
+            record.state = ModelState.WARMING
+            self._publish()
+            loaded = await asyncio.to_thread(LoadedModel.load, record.path, manifest, self.config.runtime,
+                                             self.config.batcher, self.metrics)
         except Exception as exc:
-            self.metrics.model_loads.labels(name, "failed").inc()
-            log.error("version failed to load", extra={"event": "model_load_failed", "model": name,
-                                                        "version": version, "reason": str(exc)})
-            return None
-        self.metrics.model_loads.labels(name, "ok").inc()
-        self.metrics.init_version(name, version)
+            self._fail(record, f"{type(exc).__name__}: {exc}", signature)
+            return False
         loaded.batcher.start()
-        self._versions.setdefault(name, {})[version] = loaded
-        previous = self._serving.get(name)
-        loaded.state = ModelState.SERVING
-        self._serving[name] = loaded
-        if previous is not None:
-            previous.state = ModelState.READY
+        record.loaded, record.state, record.signature = loaded, ModelState.READY, signature
+        self.metrics.model_loads.labels(record.model, "ok").inc()
+        self.metrics.init_version(record.model, record.version)
+        log.info("version ready", extra={"event": "model_ready", "model": record.model, "version": record.version,
+                                          "seconds": round(time.perf_counter() - t0, 3)})
+        self._publish()
+        return True
+
+    def _switch(self, name: str, record: VersionRecord) -> None:
+        """The atomic part: one assignment, between two requests."""
+        records = self._models[name]
+        old = records.serving
+        records.serving = record
+        record.state = ModelState.SERVING
+        if not records.history or records.history[-1] != record.version:
+            records.history.append(record.version)
         self.metrics.model_swaps.labels(name, "ok").inc()
         self.metrics.last_swap.labels(name).set_to_current_time()
-        self._publish_info()
-        log.info("version serving", extra={"event": "model_serving", "model": name, "version": version,
-                                            "provider": loaded.runtime.provider,
-                                            "precision": loaded.runtime.precision})
+        log.info("version serving", extra={"event": "model_serving", "model": name, "version": record.version,
+                                            "previous": old.version if old else None})
+        if old is not None and old is not record:
+            if old.keep_loaded:
+                old.state = ModelState.READY
+            else:
+                self._start_drain(old)
+        self._publish()
+
+    def _start_drain(self, record: VersionRecord) -> None:
+        task = asyncio.get_running_loop().create_task(self._drain(record))
+        self._drains.add(task)
+        task.add_done_callback(self._drains.discard)
+
+    async def _drain(self, record: VersionRecord) -> None:
+        """Nothing new reaches the version; what it already queued or runs finishes; then release."""
+        loaded = record.loaded
+        if loaded is None:
+            return
+        record.state = ModelState.DRAINING
+        self._publish()
+        await loaded.batcher.close()
+        if record.state is ModelState.DRAINING:  # not re-loaded meanwhile
+            record.loaded, record.state = None, ModelState.UNLOADED
+        log.info("version unloaded", extra={"event": "model_unloaded", "model": record.model,
+                                             "version": record.version})
+        self._publish()
+
+    def _publish(self) -> None:
+        m = self.metrics
+        m.model_info.clear()
+        for name, records in self._models.items():
+            for version, r in records.versions.items():
+                if r.loaded is not None or r.state is ModelState.FAILED:
+                    precision = r.loaded.runtime.precision if r.loaded else ""
+                    provider = r.loaded.runtime.provider if r.loaded else ""
+                    heads = str(len(r.loaded.srcids)) if r.loaded else "0"
+                    m.model_info.labels(name, str(version), heads, precision, provider, r.state.value).set(1)
+                if r.loaded is not None:
+                    m.queue_depth.labels(name, str(version)).set_function(_depth_of(r.loaded))
         for listener in self._listeners:
             listener()
-        return loaded
 
-    def _publish_info(self) -> None:
-        self.metrics.model_info.clear()
-        for name, versions in self._versions.items():
-            for version, m in versions.items():
-                self.metrics.model_info.labels(name, str(version), str(len(m.srcids)), m.runtime.precision,
-                                               m.runtime.provider, m.state.value).set(1)
-                self.metrics.queue_depth.labels(name, str(version)).set_function(_depth_of(m))
+    # --- admin operations ------------------------------------------------------------------------------
+
+    def _record(self, model: str, version: int) -> VersionRecord:
+        if not valid_model_name(model):
+            raise ValueError(f"invalid model name {model!r}")
+        if not VERSION_RE.match(str(version)):
+            raise ValueError(f"invalid version {version}: a positive integer")
+        record = self._models.get(model, _ModelRecords()).versions.get(version)
+        if record is None or (not record.on_disk and record.loaded is None):
+            raise ModelNotFound(f"{model}/{version} is not in the repository")
+        return record
+
+    async def load(self, model: str, version: int) -> None:
+        async with self._lock:
+            record = self._record(model, version)
+            if record.state is ModelState.FAILED and record.signature == folder_signature(record.path):
+                raise LifecycleError(f"{model}/{version} failed and its files have not changed: {record.reason}")
+            record.keep_loaded = True
+            if not await self._ensure_loaded(record):
+                raise LifecycleError(f"{model}/{version} failed to load: {record.reason}")
+
+    async def unload(self, model: str, version: int) -> None:
+        async with self._lock:
+            record = self._record(model, version)
+            if self._models[model].serving is record:
+                raise LifecycleError(f"{model}/{version} is serving; set another serving version first")
+            record.keep_loaded = False
+            if record.loaded is not None and record.state is not ModelState.DRAINING:
+                await self._drain(record)
+
+    async def set_serving(self, model: str, version: int) -> None:
+        """Pins `version` (0 = unpin, follow the newest complete version) and converges now."""
+        async with self._lock:
+            if version:
+                record = self._record(model, version)
+                if not await self._ensure_loaded(record):
+                    raise LifecycleError(f"{model}/{version} cannot serve: {record.reason}")
+            elif model not in self._models:
+                raise ModelNotFound(f"model {model!r} is not in the repository")
+            self._models[model].pinned = version
+            await self._converge(model)
+
+    async def rollback(self, model: str) -> int:
+        """Serves (and pins) the version that served before the current one."""
+        records = self._models.get(model)
+        if records is None or records.serving is None:
+            raise LifecycleError(f"model {model!r} has no serving version to roll back from")
+        current = records.serving.version
+        previous = [v for v in records.history if v != current]
+        if not previous:
+            raise LifecycleError(f"model {model!r} has no previous serving version")
+        await self.set_serving(model, previous[-1])
+        return previous[-1]
 
     async def close(self) -> None:
-        """Drains every batcher: queued and running items are answered, then engines are released."""
-        models = [m for versions in self._versions.values() for m in versions.values()]
-        self._serving.clear()
-        for m in models:
-            m.state = ModelState.DRAINING
-        await asyncio.gather(*(m.batcher.close() for m in models))
-        for m in models:
-            m.state = ModelState.UNLOADED
-        self._versions.clear()
+        """Stops polling and drains every loaded version: queued and running items are answered."""
+        if self._poller is not None:
+            self._poller.cancel()
+        async with self._lock:
+            for records in self._models.values():
+                records.serving = None
+            loaded = [r for records in self._models.values() for r in records.versions.values() if r.loaded]
+            await asyncio.gather(*(self._drain(r) for r in loaded if r.state is not ModelState.DRAINING))
+            if self._drains:
+                await asyncio.gather(*self._drains)
+
+
+def _depth_of(model: LoadedModel) -> Callable[[], float]:
+    return lambda: float(model.batcher.queue_depth)

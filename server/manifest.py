@@ -53,6 +53,17 @@ class LookupFeature:
 
 
 @dataclass(frozen=True)
+class GoldenSpec:
+    """Requests shipped with a version and the scores its fp32 graph gave them at build time.
+
+    A server checks them after warm-up, within `tolerance[precision]`, before the version may serve.
+    """
+
+    file: str
+    tolerance: dict[str, float]
+
+
+@dataclass(frozen=True)
 class Manifest:
     model: str
     version: int
@@ -71,6 +82,7 @@ class Manifest:
     # SHA-256 over the bottom's tensors, tokenizer and vocabularies: equal bottoms, equal fingerprints
     bottom_fingerprint: str
     schema_version: int = SCHEMA_VERSION
+    golden: GoldenSpec | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -113,6 +125,9 @@ class Manifest:
                 precisions={str(k): str(v) for k, v in doc["precisions"].items()},
                 sha256={str(k): str(v) for k, v in doc["sha256"].items()},
                 bottom_fingerprint=str(doc["bottom_fingerprint"]),
+                golden=GoldenSpec(str(doc["golden"]["file"]),
+                                  {str(k): float(v) for k, v in doc["golden"]["tolerance"].items()})
+                if doc.get("golden") else None,
                 extra=dict(doc.get("extra", {})),
             )
         except (KeyError, TypeError, ValueError) as exc:
@@ -145,6 +160,7 @@ class Manifest:
             self.site.vocab_file,
             self.ner.vocab_file,
             self.industry.vocab_file,
+            *([self.golden.file] if self.golden else []),
         ]
         for name in referenced:
             if name not in self.sha256:

@@ -12,6 +12,7 @@ import numpy as np
 
 from server.batcher import Batcher, BatcherConfig
 from server.features import FeatureEncoder
+from server.golden import check_golden
 from server.manifest import Manifest
 from server.metrics import Metrics
 from server.runtime import ModelRuntime, RuntimeOptions
@@ -50,19 +51,21 @@ class LoadedModel:
     srcid_index: dict[int, int]
     srcids: tuple[int, ...]
     thresholds: np.ndarray
-    state: ModelState = ModelState.LOADING
     loaded_at: float = 0.0
 
     @staticmethod
     def load(path: Path, manifest: Manifest, options: RuntimeOptions, config: BatcherConfig,
              metrics: Metrics) -> LoadedModel:
-        """Creates the session and warms it up; blocking, so call it off the event loop."""
+        """Creates the session, warms it up and checks its golden requests; blocking, so call it off
+        the event loop. Raises on any failure: such a version must never serve."""
         features = FeatureEncoder(path, manifest)
         runtime = ModelRuntime(path, manifest, options)
         seconds = runtime.warm_up(warm_up_shapes(manifest, config))
+        golden_diff = check_golden(path, manifest, features, runtime)
         log.info("model warmed", extra={"event": "model_warmed", "model": manifest.model,
                                         "version": manifest.version, "seconds": round(seconds, 3),
-                                        "provider": runtime.provider, "precision": runtime.precision})
+                                        "provider": runtime.provider, "precision": runtime.precision,
+                                        "golden_max_abs_diff": golden_diff})
         thresholds = np.array([h.threshold for h in manifest.heads], np.float32)
         version_metrics = metrics.for_version(manifest.model, manifest.version, manifest.srcids, thresholds)
         batcher = Batcher(runtime.run, config, name=f"{manifest.model}-v{manifest.version}",
@@ -78,6 +81,5 @@ class LoadedModel:
             srcid_index={s: i for i, s in enumerate(manifest.srcids)},
             srcids=manifest.srcids,
             thresholds=thresholds,
-            state=ModelState.READY,
             loaded_at=time.time(),
         )

@@ -33,11 +33,16 @@ class ServerProcess:
     proc: subprocess.Popen[str]
     grpc_port: int
     metrics_port: int
+    admin_port: int
     log_lines: list[str] = field(default_factory=list)
 
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def admin_target(self) -> str:
+        return f"127.0.0.1:{self.admin_port}"
 
     def events(self) -> list[dict[str, object]]:
         out = []
@@ -77,12 +82,13 @@ class ServerProcess:
 def run_server(
     repo: Path, *extra: str, wait: bool = True, env: dict[str, str] | None = None
 ) -> Iterator[ServerProcess]:
-    grpc_port, metrics_port = free_port(), free_port()
+    grpc_port, metrics_port, admin_port = free_port(), free_port(), free_port()
     cmd = [sys.executable, "-m", "server", "--model-repo", str(repo), "--host", "127.0.0.1",
-           "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port), "--intra-op-threads", "2", *extra]
+           "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port), "--admin-port", str(admin_port),
+           "--intra-op-threads", "2", *extra]
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})})
-    server = ServerProcess(proc, grpc_port, metrics_port)
+    server = ServerProcess(proc, grpc_port, metrics_port, admin_port)
 
     def pump() -> None:
         assert proc.stderr is not None

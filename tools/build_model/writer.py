@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import onnx
@@ -22,6 +22,7 @@ from server.manifest import (
     sha256_file,
 )
 from server.repository import publish_version, staging_dir
+from tools.build_model.golden import write_golden
 from tools.build_model.graph import BOTTOM_PREFIX, build_graph
 from tools.build_model.precision import write_fp16, write_int8
 from tools.build_model.weights import ModelWeights
@@ -110,11 +111,10 @@ def write_version(
             progress("converting the bottom to fp16")
             write_fp16(stage / MODEL_FILES["fp32"], stage / MODEL_FILES["fp16"])
 
-        progress("computing checksums")
+        progress("computing checksums and golden requests")
         shared = [TOKENIZER_FILE, SITE_VOCAB, NER_VOCAB, INDUSTRY_VOCAB]
-        files = [MODEL_FILES[p] for p in precisions] + shared
         lk = weights.lookups
-        manifest = Manifest(
+        draft = Manifest(
             model=model_name,
             version=version,
             encoder=weights.encoder.shape,
@@ -126,10 +126,13 @@ def write_version(
             industry=LookupFeature(INDUSTRY_VOCAB, int(lk.industry.shape[1])),
             heads=tuple(heads),
             precisions={p: MODEL_FILES[p] for p in precisions},
-            sha256={name: sha256_file(stage / name) for name in files},
+            sha256={},
             bottom_fingerprint=bottom_fingerprint(graph, stage, shared),
             extra=dict(extra or {}),
         )
+        golden = write_golden(stage, draft, vocabs.sites[0], vocabs.ner_tags[0], vocabs.industries[0])
+        files = [MODEL_FILES[p] for p in precisions] + shared + [golden.file]
+        manifest = replace(draft, golden=golden, sha256={name: sha256_file(stage / name) for name in files})
         manifest.validate()
         # The manifest goes last: without it, the folder is incomplete by definition.
         (stage / "manifest.json").write_text(manifest.to_json(), encoding="utf-8")
