@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2
 
 from scoring.v1 import scoring_pb2, scoring_pb2_grpc
@@ -107,10 +108,8 @@ def test_logs_are_json_with_request_id_and_no_line_per_request(demo_repo: Path) 
             stub = scoring_pb2_grpc.ScorerStub(ch)  # type: ignore[no-untyped-call]
             for i in range(20):
                 stub.Score(scoring_pb2.ScoreRequest(query=f"正常{i}", request_id=f"ok-{i}"), timeout=30)
-            try:
+            with pytest.raises(grpc.RpcError):
                 stub.Score(scoring_pb2.ScoreRequest(query=" ", request_id="bad-42"), timeout=30)
-            except grpc.RpcError:
-                pass
         time.sleep(0.3)
         assert srv.stop() == 0
     lines = [line for line in srv.log_lines if line.startswith("{")]
