@@ -60,6 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     _flag(ap, "--admin-host", str, "127.0.0.1", "ModelAdmin bind address (loopback unless a token is set)")
     _flag(ap, "--admin-port", int, 50052, "ModelAdmin port (0 = off)")
     _flag(ap, "--admin-token", str, "", "shared token for ModelAdmin (`authorization: Bearer <token>`)")
+    _flag(ap, "--tls-cert", Path, None, "PEM certificate chain: serve the scoring port over TLS")
+    _flag(ap, "--tls-key", Path, None, "PEM private key for --tls-cert")
+    _flag(ap, "--tls-client-ca", Path, None, "PEM CA bundle: require client certificates signed by it (mTLS)")
     _flag(ap, "--log-level", str, "INFO", "DEBUG | INFO | WARNING | ERROR")
     return ap.parse_args(argv)
 
@@ -89,6 +92,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         admin_host=args.admin_host,
         admin_port=args.admin_port,
         admin_token=args.admin_token,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
         host=args.host,
         grpc_port=args.grpc_port,
         metrics_port=args.metrics_port,

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -38,6 +39,25 @@ class ServerConfig:
     admin_host: str = "127.0.0.1"
     admin_port: int = 50052  # 0 = no admin service
     admin_token: str = ""  # empty = no token (only sensible on loopback)
+    tls_cert: Path | None = None  # PEM server certificate chain: TLS on the scoring port
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None  # PEM CA bundle: require and verify client certificates (mTLS)
+
+
+def server_credentials(cfg: ServerConfig) -> grpc.ServerCredentials | None:
+    """TLS when a certificate is configured; mutual TLS when a client CA is configured too."""
+    if cfg.tls_cert is None and cfg.tls_key is None:
+        if cfg.tls_client_ca is not None:
+            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
+        return None
+    if cfg.tls_cert is None or cfg.tls_key is None:
+        raise ValueError("TLS needs both --tls-cert and --tls-key")
+    client_ca = cfg.tls_client_ca.read_bytes() if cfg.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(cfg.tls_key.read_bytes(), cfg.tls_cert.read_bytes())],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
 
 
 class ScoringServer:
@@ -74,7 +94,10 @@ class ScoringServer:
              reflection.SERVICE_NAME),
             server,
         )
-        self.port = server.add_insecure_port(f"{cfg.host}:{cfg.grpc_port}")
+        address = f"{cfg.host}:{cfg.grpc_port}"
+        credentials = server_credentials(cfg)
+        self.port = (server.add_secure_port(address, credentials) if credentials
+                     else server.add_insecure_port(address))
         if self.port == 0:
             raise OSError(f"cannot bind gRPC port {cfg.host}:{cfg.grpc_port}")
         await self._set_health(False)

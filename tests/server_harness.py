@@ -34,7 +34,13 @@ class ServerProcess:
     grpc_port: int
     metrics_port: int
     admin_port: int
+    credentials: grpc.ChannelCredentials | None = None  # for a TLS scoring port
     log_lines: list[str] = field(default_factory=list)
+
+    def channel(self) -> grpc.Channel:
+        if self.credentials is not None:
+            return grpc.secure_channel(self.target, self.credentials)
+        return grpc.insecure_channel(self.target)
 
     @property
     def target(self) -> str:
@@ -54,7 +60,7 @@ class ServerProcess:
         return out
 
     def health(self, service: str = "") -> int:
-        with grpc.insecure_channel(self.target) as ch:
+        with self.channel() as ch:
             stub = health_pb2_grpc.HealthStub(ch)
             status: int = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2).status
             return status
@@ -80,7 +86,8 @@ class ServerProcess:
 
 @contextmanager
 def run_server(
-    repo: Path, *extra: str, wait: bool = True, env: dict[str, str] | None = None
+    repo: Path, *extra: str, wait: bool = True, env: dict[str, str] | None = None,
+    credentials: grpc.ChannelCredentials | None = None,
 ) -> Iterator[ServerProcess]:
     grpc_port, metrics_port, admin_port = free_port(), free_port(), free_port()
     cmd = [sys.executable, "-m", "server", "--model-repo", str(repo), "--host", "127.0.0.1",
@@ -88,7 +95,7 @@ def run_server(
            "--intra-op-threads", "2", *extra]
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})})
-    server = ServerProcess(proc, grpc_port, metrics_port, admin_port)
+    server = ServerProcess(proc, grpc_port, metrics_port, admin_port, credentials)
 
     def pump() -> None:
         assert proc.stderr is not None
