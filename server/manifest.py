@@ -186,7 +186,10 @@ def read_manifest(version_dir: Path) -> Manifest:
         raise ManifestError(f"{path} does not exist") from exc
     except (OSError, UnicodeDecodeError) as exc:
         raise ManifestError(f"{path} is unreadable: {exc}") from exc
-    return Manifest.from_json(text)
+    try:
+        return Manifest.from_json(text)
+    except ManifestError as exc:
+        raise ManifestError(f"{path}: {exc}") from exc
 
 
 def verify_files(version_dir: Path, manifest: Manifest) -> None:

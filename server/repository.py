@@ -86,6 +86,9 @@ def staging_dir(root: Path, model: str) -> Iterator[Path]:
     model_dir = root / model
     model_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".staging-", dir=model_dir))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; a published version is readable like any folder
     try:
         yield tmp
     finally:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import onnx
+from onnx import numpy_helper
 
 
 def head_node_names(model: onnx.ModelProto) -> list[str]:
@@ -45,12 +47,40 @@ def write_int8(fp32_path: Path, out_path: Path) -> None:
     )
 
 
+def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """fp16 bottom; inputs, outputs and heads stay fp32, with one Cast where the bottom ends.
+
+    Written for this graph rather than with onnxconverter-common, whose generic pass retypes the
+    outputs of our Cast(to=FLOAT) mask nodes without changing `to`, which ONNX Runtime refuses.
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    heads = set(head_node_names(out))
+    head_inputs = {i for n in graph.node if n.name in heads for i in n.input}
+    for init in graph.initializer:
+        if init.data_type == onnx.TensorProto.FLOAT and init.name not in head_inputs:
+            arr = numpy_helper.to_array(init).astype(np.float16)
+            init.CopyFrom(numpy_helper.from_array(arr, init.name))
+    for node in graph.node:
+        if node.name in heads:
+            continue
+        if node.op_type == "Cast":
+            for attr in node.attribute:
+                if attr.name == "to" and attr.i == onnx.TensorProto.FLOAT:
+                    attr.i = onnx.TensorProto.FLOAT16
+        if "features" in node.output:  # the bottom's last node: compute in fp16, hand fp32 on
+            node.output[list(node.output).index("features")] = "features_fp16"
+    boundary = onnx.helper.make_node("Cast", ["features_fp16"], ["features"], name="features_to_fp32",
+                                     to=onnx.TensorProto.FLOAT)
+    nodes = list(graph.node)
+    at = next(i for i, n in enumerate(nodes) if "features_fp16" in n.output) + 1
+    del graph.node[:]
+    graph.node.extend([*nodes[:at], boundary, *nodes[at:]])
+    onnx.checker.check_model(out, full_check=True)
+    return out
+
+
 def write_fp16(fp32_path: Path, out_path: Path) -> None:
     """fp16 bottom with fp32 inputs, outputs and heads, for the CUDA execution provider."""
-    from onnxconverter_common import float16
-
-    model = onnx.load(str(fp32_path))
-    converted = float16.convert_float_to_float16(
-        model, keep_io_types=True, node_block_list=head_node_names(model), disable_shape_infer=False
-    )
-    onnx.save(converted, str(out_path))
+    onnx.save(to_fp16(onnx.load(str(fp32_path))), str(out_path))
