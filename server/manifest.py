@@ -112,7 +112,8 @@ class Manifest:
             raise ManifestError(f"unsupported schema_version {schema!r} (this server reads {SCHEMA_VERSION})")
         for key in ("version", "max_seq_len", "max_ner_tags", "head_hidden"):
             if type(doc.get(key)) is not int:  # not bool, not 1.5, not "1"
-                raise ManifestError(f"manifest field missing or malformed: {key} must be an integer, got {doc.get(key)!r}")
+                raise ManifestError(
+                    f"manifest field missing or malformed: {key} must be an integer, got {doc.get(key)!r}")
         try:
             manifest = Manifest(
                 model=str(doc["model"]),
