@@ -16,6 +16,7 @@ PARITY_STAMP := $(VENV)/.parity-installed
 PROTOS := proto/scoring/v1/scoring.proto proto/scoring/v1/admin.proto
 STUBS := scoring/v1/scoring_pb2.py scoring/v1/scoring_pb2_grpc.py scoring/v1/admin_pb2.py scoring/v1/admin_pb2_grpc.py
 DEMO_MANIFEST := $(MODEL_REPO)/demo/1/manifest.json
+TYPED_DIRS := $(wildcard server tools loadtest bench tests dashboards)
 
 .PHONY: serve test lint typecheck bench stubs demo venv clean prometheus-installed
 
@@ -59,11 +60,11 @@ lint: $(DEV_STAMP) $(STUBS)
 	$(BIN)/ruff check .
 
 typecheck: $(DEV_STAMP) $(STUBS)
-	$(BIN)/mypy server tools loadtest tests dashboards
+	$(BIN)/mypy $(TYPED_DIRS)
 
 test: $(DEV_STAMP) $(STUBS) $(if $(filter 1,$(PARITY)),$(PARITY_STAMP)) prometheus-installed
 	$(BIN)/ruff check .
-	$(BIN)/mypy server tools loadtest tests dashboards
+	$(BIN)/mypy $(TYPED_DIRS)
 	SCORING_REQUIRE_PROMETHEUS=1 $(BIN)/pytest -q
 
 bench: $(DEV_STAMP) $(STUBS) demo
