@@ -254,7 +254,6 @@ def test_int8_variant_quantizes_the_bottom_only(tiny: Path, tiny_graph: onnx.Mod
 
 @pytest.fixture(scope="module")
 def tiny_fp16(small_model_factory: SmallModelFactory) -> onnx.ModelProto:
-    pytest.importorskip("onnxconverter_common")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "the float32 number -10000.0 will be truncated"
         version = small_model_factory(num_heads=3, precisions=("fp32", "fp16"))
