@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from server.logs import setup_logging
 from server.manager import ManagerConfig
 from server.runtime import RuntimeOptions
 from server.validation import RequestLimits
+from server.workers import supervise
 
 ENV_PREFIX = "SCORING_"
 
@@ -63,6 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     _flag(ap, "--tls-cert", Path, None, "PEM certificate chain: serve the scoring port over TLS")
     _flag(ap, "--tls-key", Path, None, "PEM private key for --tls-cert")
     _flag(ap, "--tls-client-ca", Path, None, "PEM CA bundle: require client certificates signed by it (mTLS)")
+    _flag(ap, "--workers", int, 1, "server processes sharing the gRPC port (SO_REUSEPORT); each its own engine")
+    _flag(ap, "--reuse-port", int, 0, "set SO_REUSEPORT on the gRPC port (workers do)")
+    ap.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
     _flag(ap, "--log-level", str, "INFO", "DEBUG | INFO | WARNING | ERROR")
     return ap.parse_args(argv)
 
@@ -95,6 +100,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,
+        reuse_port=bool(args.reuse_port),
+        worker_index=args.worker_index,
         host=args.host,
         grpc_port=args.grpc_port,
         metrics_port=args.metrics_port,
@@ -115,6 +122,9 @@ async def serve(config: ServerConfig) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.log_level)
+    if args.workers > 1:
+        return supervise(sys.argv[1:] if argv is None else argv, args.workers, args.metrics_port, args.admin_port,
+                         args.grace_period_s)
     uvloop.run(serve(config_from_args(args)))
     return 0
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,8 @@ class ServerConfig:
     tls_cert: Path | None = None  # PEM server certificate chain: TLS on the scoring port
     tls_key: Path | None = None
     tls_client_ca: Path | None = None  # PEM CA bundle: require and verify client certificates (mTLS)
+    reuse_port: bool = False  # SO_REUSEPORT: several worker processes share the gRPC port
+    worker_index: int = 0
 
 
 def server_credentials(cfg: ServerConfig) -> grpc.ServerCredentials | None:
@@ -83,7 +86,7 @@ class ScoringServer:
             ("grpc.max_send_message_length", cfg.limits.max_message_bytes),
             ("grpc.max_connection_age_ms", int(cfg.max_connection_age_s * 1000)),
             ("grpc.max_connection_age_grace_ms", int(cfg.grace_period_s * 1000)),
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", 1 if cfg.reuse_port else 0),
         ]
         server = grpc.aio.server(options=options)
         server.add_generic_rpc_handlers((self.servicer.handler(),))
@@ -105,7 +108,8 @@ class ScoringServer:
         self._server = server
         if cfg.metrics_port:
             start_http_server(cfg.metrics_port, registry=self.metrics.registry)
-        log.info("listening", extra={"event": "listening", "grpc_port": self.port, "metrics_port": cfg.metrics_port})
+        log.info("listening", extra={"event": "listening", "grpc_port": self.port, "metrics_port": cfg.metrics_port,
+                                     "worker": cfg.worker_index, "pid": os.getpid()})
         self.manager.on_change(self._schedule_health_refresh)
         if cfg.admin_port:
             await self._start_admin()
