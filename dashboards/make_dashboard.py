@@ -56,6 +56,16 @@ PANELS = [
     panel(8, "serving versions", [("scoring_model_info{model=~\"$model\"}",
                                    "{{model}} v{{version}} {{state}} {{precision}} {{execution_provider}}")],
           12, 24, kind="table"),
+    panel(9, "result cache: hit ratio and coalesced share",
+          [("sum by (model) (rate(scoring_cache_hits_total{model=~\"$model\"}[5m])) / (sum by (model) "
+            "(rate(scoring_cache_hits_total{model=~\"$model\"}[5m])) + sum by (model) "
+            "(rate(scoring_cache_misses_total{model=~\"$model\"}[5m])))", "hit ratio {{model}}"),
+           ("sum by (model) (rate(scoring_cache_coalesced_total{model=~\"$model\"}[5m])) / sum by (model) "
+            "(rate(model_pv_total{model=~\"$model\"}[5m]))", "coalesced share {{model}}")],
+          0, 32, "percentunit"),
+    panel(10, "result cache: entries, bytes, evictions/s",
+          [("sum(scoring_cache_entries)", "entries"), ("sum(scoring_cache_bytes)", "bytes"),
+           ("sum(rate(scoring_cache_evictions_total[5m]))", "evictions/s")], 12, 32),
 ]
 
 DASHBOARD = {

@@ -17,6 +17,7 @@ import uvloop
 
 from server.app import ScoringServer, ServerConfig
 from server.batcher import BatcherConfig
+from server.cache import default_cache_bytes
 from server.logs import setup_logging
 from server.manager import ManagerConfig
 from server.runtime import RuntimeOptions
@@ -65,6 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     _flag(ap, "--tls-cert", Path, None, "PEM certificate chain: serve the scoring port over TLS")
     _flag(ap, "--tls-key", Path, None, "PEM private key for --tls-cert")
     _flag(ap, "--tls-client-ca", Path, None, "PEM CA bundle: require client certificates signed by it (mTLS)")
+    _flag(ap, "--cache-bytes", int, default_cache_bytes(),
+          "result cache and request coalescing memory bound (0 = off)")
+    _flag(ap, "--cache-ttl-s", float, 0.0, "result cache time to live (0 = until evicted)")
     _flag(ap, "--workers", int, 1, "server processes sharing the gRPC port (SO_REUSEPORT); each its own engine")
     _flag(ap, "--reuse-port", int, 0, "set SO_REUSEPORT on the gRPC port (workers do)")
     ap.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
@@ -100,6 +104,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,
+        cache_bytes=args.cache_bytes,
+        cache_ttl_s=args.cache_ttl_s,
         reuse_port=bool(args.reuse_port),
         worker_index=args.worker_index,
         host=args.host,

@@ -17,6 +17,7 @@ from prometheus_client import start_http_server
 
 from scoring.v1 import admin_pb2_grpc, scoring_pb2
 from server.admin import AdminServicer, TokenInterceptor
+from server.cache import CacheMetrics, CachingScheduler, ResultCache
 from server.manager import ManagerConfig, ModelManager
 from server.metrics import Metrics
 from server.servicer import SERVICE, ScorerServicer
@@ -43,6 +44,8 @@ class ServerConfig:
     tls_cert: Path | None = None  # PEM server certificate chain: TLS on the scoring port
     tls_key: Path | None = None
     tls_client_ca: Path | None = None  # PEM CA bundle: require and verify client certificates (mTLS)
+    cache_bytes: int = 0  # result cache bound; 0 = no cache, no coalescing
+    cache_ttl_s: float = 0.0  # 0 = entries live until evicted (a new version never hits old entries)
     reuse_port: bool = False  # SO_REUSEPORT: several worker processes share the gRPC port
     worker_index: int = 0
 
@@ -69,7 +72,12 @@ class ScoringServer:
         self.metrics = metrics or Metrics()
         self.manager = ModelManager(config.manager, self.metrics)
         self.health = health_aio.HealthServicer()
-        self.servicer = ScorerServicer(self.manager, self.metrics, config.limits)
+        cache = None
+        cache_metrics = CacheMetrics.create(self.metrics.registry)
+        if config.cache_bytes > 0:
+            cache = ResultCache(config.cache_bytes, config.cache_ttl_s, cache_metrics)
+        self.servicer = ScorerServicer(self.manager, self.metrics, config.limits,
+                                       CachingScheduler(cache, cache_metrics if cache is not None else None))
         self.port = 0
         self.admin_port = 0
         self._server: grpc.aio.Server | None = None

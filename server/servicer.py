@@ -19,6 +19,7 @@ from google.protobuf.message import DecodeError, Message
 
 from scoring.v1 import scoring_pb2
 from server.batcher import BatcherClosed, DeadlineExpired, EngineFailed, QueueFull
+from server.cache import CachingScheduler
 from server.features import EncodedRequest
 from server.logs import SampledLog
 from server.manager import ModelManager, ModelNotFound, ModelUnavailable
@@ -84,10 +85,12 @@ def build_response(model: LoadedModel, row: np.ndarray, srcids: list[int]) -> sc
 
 
 class ScorerServicer:
-    def __init__(self, manager: ModelManager, metrics: Metrics, limits: RequestLimits) -> None:
+    def __init__(self, manager: ModelManager, metrics: Metrics, limits: RequestLimits,
+                 scheduler: CachingScheduler | None = None) -> None:
         self.manager = manager
         self.metrics = metrics
         self.limits = limits
+        self.scheduler = scheduler or CachingScheduler(None, None)
         self._rejections = SampledLog(log)
 
     # --- shared steps -----------------------------------------------------------------------------
@@ -124,7 +127,7 @@ class ScorerServicer:
         remaining = context.time_remaining()
         deadline = asyncio.get_running_loop().time() + remaining if remaining is not None else None
         try:
-            return model.batcher.submit(items, deadline)
+            return self.scheduler.submit(model, items, deadline)
         except QueueFull as exc:
             raise _reject(LostReason.QUEUE_FULL, f"server overloaded: {exc}") from exc
         except BatcherClosed as exc:

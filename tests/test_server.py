@@ -31,7 +31,7 @@ def version_dir(demo_repo: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def server(demo_repo: Path) -> Iterator[ServerProcess]:
-    with run_server(demo_repo, "--max-queue-delay-ms", "5") as srv:
+    with run_server(demo_repo, "--max-queue-delay-ms", "5", "--cache-bytes", "0") as srv:  # the uncached path
         yield srv
 
 
