@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     _flag(ap, "--device", str, d_rt.device, "auto | cpu | cuda", choices=["auto", "cpu", "cuda"])
     _flag(ap, "--precision", str, d_rt.precision, "auto (fp16 on GPU, fp32 on CPU) | fp32 | int8 | fp16",
           choices=["auto", "fp32", "int8", "fp16"])
-    _flag(ap, "--intra-op-threads", int, d_rt.intra_op_threads, "ORT threads per batch (0 = one per core)")
+    _flag(ap, "--intra-op-threads", int, d_rt.intra_op_threads, "ORT threads (0 = CPUs the container may use)")
     _flag(ap, "--inter-op-threads", int, d_rt.inter_op_threads, "ORT inter-op threads")
     _flag(ap, "--max-batch-size", int, d_batch.max_batch_size, "items per engine batch")
     _flag(ap, "--max-batch-tokens", int, d_batch.max_batch_tokens, "batch size x padded length per batch")
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_level)
     if args.workers > 1:
         return supervise(sys.argv[1:] if argv is None else argv, args.workers, args.metrics_port, args.admin_port,
-                         args.grace_period_s)
+                         args.shutdown_delay_s + args.grace_period_s)
     uvloop.run(serve(config_from_args(args)))
     return 0
 

@@ -24,6 +24,7 @@ from server.servicer import SERVICE, ScorerServicer
 from server.validation import RequestLimits
 
 log = logging.getLogger(__name__)
+LIVENESS = "liveness"  # SERVING while the process works, whatever the models do: for liveness probes
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -112,6 +113,7 @@ class ScoringServer:
         if self.port == 0:
             raise OSError(f"cannot bind gRPC port {cfg.host}:{cfg.grpc_port}")
         await self._set_health(False)
+        await self.health.set(LIVENESS, SERVING)
         await server.start()
         self._server = server
         if cfg.metrics_port:

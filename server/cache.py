@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import os
 import sys
 import time
 from collections import OrderedDict
@@ -26,18 +25,15 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from server.batcher import DeadlineExpired
 from server.features import EncodedRequest
 from server.model import LoadedModel
+from server.resources import memory_limit_bytes
 
 CacheKey = tuple[str, int, EncodedRequest]
 ENTRY_OVERHEAD_BYTES = 240  # OrderedDict slot, key tuple, array header: measured, rounded up
 
 
 def default_cache_bytes() -> int:
-    """2% of physical memory, at most 1 GiB."""
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError):
-        total = 4 << 30
-    return int(min(total * 0.02, 1 << 30))
+    """2% of the memory this process may use (container limit first), at most 1 GiB."""
+    return int(min(memory_limit_bytes() * 0.02, 1 << 30))
 
 
 def entry_bytes(key: CacheKey, row: np.ndarray) -> int:

@@ -108,13 +108,17 @@ class ModelManager:
         return name in self._models and bool(self._models[name].versions)
 
     def is_serving(self) -> bool:
-        """True when the default model (or, without one, every known model) has a serving version."""
+        """Ready for traffic: the default model serves; without a default model, every model that
+        has a version worth waiting for serves. A model whose every version failed does not hold the
+        replica back (its requests get NOT_FOUND/UNAVAILABLE and the failure alerts), so one bad
+        new model on a shared volume cannot take every replica out of the load balancer."""
         default = self.default_model
         if default is not None:
             m = self._models.get(default)
             return m is not None and m.serving is not None
-        known = [m for m in self._models.values() if m.versions]
-        return bool(known) and all(m.serving is not None for m in known)
+        waiting = [m for m in self._models.values()
+                   if m.serving is None and any(r.state is not ModelState.FAILED for r in m.versions.values())]
+        return any(m.serving is not None for m in self._models.values()) and not waiting
 
     def resolve(self, model: str, version: int) -> LoadedModel:
         """The serving version (version 0) or a named loaded version of `model` ('' = default)."""

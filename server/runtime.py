@@ -11,6 +11,7 @@ import numpy as np
 import onnxruntime as ort
 
 from server.manifest import Manifest
+from server.resources import cpu_limit
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,8 @@ class ModelRuntime:
         self.precision = choose_precision(manifest, want_cuda, options.precision)
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.intra_op_num_threads = options.intra_op_threads
+        # 0 would let ORT count the node's cores; inside a container, count what we may use.
+        so.intra_op_num_threads = options.intra_op_threads or cpu_limit()
         so.inter_op_num_threads = options.inter_op_threads
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.log_severity_level = 3

@@ -29,7 +29,8 @@ def worker_argv(argv: list[str], index: int, metrics_port: int, admin_port: int)
     return [sys.executable, "-m", "server", *args]
 
 
-def supervise(argv: list[str], workers: int, metrics_port: int, admin_port: int, grace_s: float) -> int:
+def supervise(argv: list[str], workers: int, metrics_port: int, admin_port: int, drain_s: float) -> int:
+    """`drain_s`: a worker's shutdown delay plus grace period; it is killed only after that (+5 s)."""
     procs: dict[int, subprocess.Popen[bytes]] = {}
     stopping = False
 
@@ -54,7 +55,7 @@ def supervise(argv: list[str], workers: int, metrics_port: int, admin_port: int,
         if not alive and stopping:
             break
         if stopping:
-            deadline = deadline or time.monotonic() + grace_s + 5.0
+            deadline = deadline or time.monotonic() + drain_s + 5.0
             if time.monotonic() > deadline:
                 for p in alive.values():
                     p.kill()

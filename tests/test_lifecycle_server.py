@@ -74,6 +74,7 @@ def test_not_serving_without_a_model(tmp_path: Path) -> None:
             except grpc.RpcError:
                 time.sleep(0.1)
         assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert srv.health("liveness") == health_pb2.HealthCheckResponse.SERVING  # not a restart loop
         with grpc.insecure_channel(srv.target) as ch:
             stub = scoring_pb2_grpc.ScorerStub(ch)  # type: ignore[no-untyped-call]
             try:

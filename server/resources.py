@@ -1,0 +1,52 @@
+"""What this process may use: container (cgroup) limits first, then the machine.
+
+ONNX Runtime's default thread count and a share-of-RAM default both read the node, not the
+container; inside a pod limited to 4 CPUs on a 64-core node that oversubscribes badly.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+CGROUP = Path("/sys/fs/cgroup")
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="ascii").strip()
+    except OSError:
+        return None
+
+
+def machine_memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return 4 << 30
+
+
+def memory_limit_bytes() -> int:
+    """The cgroup v2 (memory.max) or v1 (memory.limit_in_bytes) limit, or the machine's memory."""
+    machine = machine_memory_bytes()
+    for raw in (_read(CGROUP / "memory.max"), _read(CGROUP / "memory" / "memory.limit_in_bytes")):
+        if raw and raw.isdigit():
+            return min(int(raw), machine)
+    return machine
+
+
+def cpu_limit() -> int:
+    """CPUs this process may use: the cgroup quota (cpu.max / cfs_quota), else its affinity mask."""
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = None
+    raw = _read(CGROUP / "cpu.max")
+    if raw:
+        q, _, period = raw.partition(" ")
+        if q.isdigit() and period.isdigit() and int(period) > 0:
+            quota = int(q) / int(period)
+    else:
+        q1, p1 = _read(CGROUP / "cpu" / "cpu.cfs_quota_us"), _read(CGROUP / "cpu" / "cpu.cfs_period_us")
+        if q1 and p1 and q1.lstrip("-").isdigit() and int(q1) > 0 and p1.isdigit() and int(p1) > 0:
+            quota = int(q1) / int(p1)
+    return max(1, min(affinity, math.ceil(quota))) if quota else max(1, affinity)
