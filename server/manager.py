@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from server.batcher import BatcherConfig
-from server.manifest import ManifestError, verify_files
+from server.manifest import ManifestError, read_manifest, verify_files
 from server.metrics import Metrics
 from server.model import LoadedModel, ModelState
 from server.repository import VERSION_RE, VersionStatus, scan_repository, valid_model_name
@@ -232,8 +232,6 @@ class ModelManager:
         self._publish()
         t0 = time.perf_counter()
         try:
-            from server.manifest import read_manifest
-
             manifest = await asyncio.to_thread(read_manifest, record.path)
             if (manifest.model, manifest.version) != (record.model, record.version):
                 raise ManifestError(f"manifest names {manifest.model}/{manifest.version}")
