@@ -43,6 +43,8 @@ class LoadConfig:
     warmup_s: float | None = None  # start of the throughput window; None = 20% of duration_s
     method: str = SCORE_METHOD
     seed: int = 0
+    # Sent with every call, e.g. (("application", "scoring"),) for Ray Serve's gRPC proxy, which routes by it.
+    metadata: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.rate <= 0 or self.duration_s <= 0:
@@ -53,6 +55,10 @@ class LoadConfig:
             raise ValueError("timeout_s must be positive (or None)")
         if self.warmup_s is not None and not 0 <= self.warmup_s < self.duration_s:
             raise ValueError("warmup_s must be in [0, duration_s)")
+        for key, _ in self.metadata:
+            # gRPC rejects upper-case keys at call time, once per request; fail here instead.
+            if not key or key != key.lower():
+                raise ValueError(f"metadata keys must be non-empty and lower-case, got {key!r}")
 
     @property
     def window_start_s(self) -> float:
@@ -201,6 +207,7 @@ async def run_open_loop(
     lag = np.zeros(n)
     codes = ["" for _ in range(n)]
     call = channel.unary_unary(config.method, request_serializer=None, response_deserializer=None)
+    call_metadata = tuple(config.metadata) or None  # None: no metadata object per call
     loop = asyncio.get_running_loop()
     pending: set[asyncio.Task[None]] = set()
     in_flight = 0
@@ -209,7 +216,7 @@ async def run_open_loop(
     async def one(i: int, due: float, start: float) -> None:
         nonlocal in_flight
         try:
-            await call(requests[picks[i]], timeout=config.timeout_s)
+            await call(requests[picks[i]], timeout=config.timeout_s, metadata=call_metadata)
             codes[i] = "OK"
         except grpc.aio.AioRpcError as exc:
             codes[i] = exc.code().name
