@@ -23,7 +23,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
 import grpc
 import numpy as np
@@ -64,6 +64,10 @@ class LoadConfig:
     def window_start_s(self) -> float:
         return self.duration_s * 0.2 if self.warmup_s is None else self.warmup_s
 
+    def describe(self) -> dict[str, Any]:
+        """The keys that lead a summary: what kind of load this was."""
+        return {"rate": self.rate, "arrival": self.arrival, "mode": "open"}
+
 
 def arrival_offsets(rate: float, duration_s: float, arrival: Arrival, rng: np.random.Generator) -> np.ndarray:
     """Send times in seconds from the start, ascending, all in [0, duration_s)."""
@@ -95,14 +99,31 @@ def latency_summary(latencies_s: np.ndarray) -> dict[str, float | None]:
     return {k: round(float(v), 3) for k, v in zip(keys, values, strict=True)}
 
 
+class RunConfig(Protocol):
+    """What a result needs from its run's configuration (open loop: LoadConfig; closed loop: ClosedLoopConfig)."""
+
+    @property
+    def duration_s(self) -> float: ...
+    @property
+    def window_start_s(self) -> float: ...
+    @property
+    def timeout_s(self) -> float | None: ...
+    def describe(self) -> dict[str, Any]: ...
+
+
+C = TypeVar("C", bound=RunConfig)
+
+
 @dataclass
-class LoadResult:
-    config: LoadConfig
-    scheduled_s: np.ndarray  # per request: send time from the start (the schedule)
+class RunResult(Generic[C]):
+    """Per-request measurements of one run; open and closed loop share it, so their summaries match."""
+
+    config: C
+    scheduled_s: np.ndarray  # per request: send time from the start (open loop: the schedule)
     latency_s: np.ndarray  # per request: completion - scheduled send time (any status)
     completed_s: np.ndarray  # per request: completion time from the start
     codes: list[str]  # per request: gRPC status code name ("OK", "DEADLINE_EXCEEDED", ...)
-    send_lag_s: np.ndarray  # per request: actual send - scheduled send
+    send_lag_s: np.ndarray  # per request: actual send - scheduled send (always 0 in a closed loop)
     wall_s: float  # start to the last completion
     cpu_s: float  # this process, all threads (time.process_time)
     rusage_user_s: float
@@ -124,7 +145,7 @@ class LoadResult:
 
     @property
     def offered_rate(self) -> float:
-        """Requests actually scheduled per second (Poisson draws vary around the configured rate)."""
+        """Requests actually sent per second (Poisson draws vary around the configured rate)."""
         return len(self.codes) / self.config.duration_s
 
     @property
@@ -152,9 +173,9 @@ class LoadResult:
         early = self.ok_latencies(cfg.window_start_s, cfg.window_start_s + third)
         late = self.ok_latencies(cfg.duration_s - third)
         lag = latency_summary(self.send_lag_s)
+        cores = round(self.cpu_s / self.wall_s, 4) if self.wall_s > 0 else None
         return {
-            "rate": cfg.rate,
-            "arrival": cfg.arrival,
+            **cfg.describe(),
             "duration_s": cfg.duration_s,
             "window_start_s": cfg.window_start_s,
             "timeout_s": cfg.timeout_s,
@@ -174,12 +195,18 @@ class LoadResult:
             "generator_cpu_s": round(self.cpu_s, 3),
             "generator_cpu_user_s": round(self.rusage_user_s, 3),
             "generator_cpu_sys_s": round(self.rusage_sys_s, 3),
-            "generator_cpu_util": round(self.cpu_s / self.wall_s, 4) if self.wall_s > 0 else None,
+            "generator_cpu_util": cores,  # kept for older readers; the same number as generator_cpu_cores
+            "generator_cpu_cores": cores,  # CPU seconds per wall second: 1.0 = one core busy
             **self.extra,
         }
 
 
-def _rusage() -> tuple[float, float]:
+class LoadResult(RunResult[LoadConfig]):
+    """The result of `run_open_loop`."""
+
+
+def rusage_self() -> tuple[float, float]:
+    """(user, system) CPU seconds of this process so far, all threads."""
     ru = resource.getrusage(resource.RUSAGE_SELF)
     return ru.ru_utime, ru.ru_stime
 
@@ -228,7 +255,7 @@ async def run_open_loop(
             completed[i] = now - start
             in_flight -= 1
 
-    cpu0, (user0, sys0) = time.process_time(), _rusage()
+    cpu0, (user0, sys0) = time.process_time(), rusage_self()
     start = time.perf_counter() + 0.01
     next_report = 1.0
     for i, offset in enumerate(offsets.tolist()):
@@ -248,7 +275,7 @@ async def run_open_loop(
     if pending:
         await asyncio.gather(*pending)
     wall = time.perf_counter() - start
-    cpu1, (user1, sys1) = time.process_time(), _rusage()
+    cpu1, (user1, sys1) = time.process_time(), rusage_self()
     if on_progress is not None:
         on_progress(1.0)
     return LoadResult(
