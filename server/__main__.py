@@ -16,7 +16,7 @@ from typing import Any
 import uvloop
 
 from server.app import ScoringServer, ServerConfig
-from server.batcher import BatcherConfig
+from server.batcher import CPU_MAX_BATCH_SIZE, GPU_MAX_BATCH_SIZE, BatcherConfig
 from server.cache import default_cache_bytes
 from server.logs import setup_logging
 from server.manager import ManagerConfig
@@ -49,11 +49,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
           choices=["auto", "fp32", "int8", "fp16"])
     _flag(ap, "--intra-op-threads", int, d_rt.intra_op_threads, "ORT threads (0 = CPUs the container may use)")
     _flag(ap, "--inter-op-threads", int, d_rt.inter_op_threads, "ORT inter-op threads")
-    _flag(ap, "--max-batch-size", int, d_batch.max_batch_size, "items per engine batch")
+    _flag(ap, "--max-batch-size", int, d_batch.max_batch_size,
+          f"items per engine batch (0 = by device: {CPU_MAX_BATCH_SIZE} on CPU, {GPU_MAX_BATCH_SIZE} on GPU)")
     _flag(ap, "--max-batch-tokens", int, d_batch.max_batch_tokens, "batch size x padded length per batch")
     _flag(ap, "--max-queue-delay-ms", float, d_batch.max_queue_delay_ms,
           "how long an idle engine waits for more items to fill a batch")
     _flag(ap, "--max-queue-size", int, d_batch.max_queue_size, "queued items before RESOURCE_EXHAUSTED")
+    _flag(ap, "--max-queue-wait-ms", float, d_batch.max_queue_wait_ms,
+          "estimated engine time queued before RESOURCE_EXHAUSTED (0 = no bound)")
+    _flag(ap, "--batch-overhead-tokens", int, d_batch.batch_overhead_tokens,
+          "fixed cost of one engine run in padded tokens, for splitting the queue into batches (0 = by device)")
     _flag(ap, "--max-message-bytes", int, d_limits.max_message_bytes, "largest gRPC message accepted")
     _flag(ap, "--grace-period-s", float, 10.0, "shutdown: time allowed for calls in flight")
     _flag(ap, "--shutdown-delay-s", float, 0.0, "shutdown: NOT_SERVING this long before refusing calls")
@@ -94,7 +99,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             runtime=RuntimeOptions(device=args.device, precision=args.precision,
                                    intra_op_threads=args.intra_op_threads, inter_op_threads=args.inter_op_threads),
             batcher=BatcherConfig(max_batch_size=args.max_batch_size, max_batch_tokens=args.max_batch_tokens,
-                                  max_queue_delay_ms=args.max_queue_delay_ms, max_queue_size=args.max_queue_size),
+                                  max_queue_delay_ms=args.max_queue_delay_ms, max_queue_size=args.max_queue_size,
+                                  max_queue_wait_ms=args.max_queue_wait_ms,
+                                  batch_overhead_tokens=args.batch_overhead_tokens),
             poll_interval_s=args.poll_interval_s,
             pinned=parse_pins(args.pin),
         ),

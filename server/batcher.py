@@ -1,11 +1,15 @@
 """Dynamic batching onto one engine: a bounded queue owned by one task, grouped by length.
 
 Shape of the loop (after text-embeddings-inference's queue/infer split):
-- `submit` admits items or refuses at once when the queue is full (no waiting for room);
+- `submit` admits items or refuses at once (no waiting for room) when the queue holds
+  `max_queue_size` items or more than `max_queue_wait_ms` of engine work, estimated from the
+  batches just run: under overload the excess is refused in microseconds, and what is admitted
+  waits a bounded time;
 - one dispatcher task owns the queue: it waits until the engine is free or a full batch is
   queued (and, when the engine is idle, at most `max_queue_delay_ms` for more arrivals), drops
-  items whose client went away or whose deadline passed, takes the oldest item plus the waiting
-  items nearest to it in length within `max_batch_size` and `max_batch_tokens`, and pads them;
+  items whose client went away or whose deadline passed, and builds a batch around the oldest
+  item from its neighbours in length (see `BatchCost`), within `max_batch_size` and
+  `max_batch_tokens`;
 - the padded batch is prepared while the previous one still runs; one batch runs at a time,
   on a dedicated thread, because the engine already uses every core.
 """
@@ -15,10 +19,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -45,18 +50,82 @@ class EngineFailed(Exception):
     """The engine raised on the batch this item was in."""
 
 
+# Measured on the demo model (BENCHMARKS.md, raw engine by batch size): on 2 CPU cores fp32
+# throughput peaks at batch 16 and falls beyond it, while a GPU needs wide batches to fill.
+CPU_MAX_BATCH_SIZE = 16
+GPU_MAX_BATCH_SIZE = 64
+# Fixed cost of one engine run, in padded-token equivalents: ~3 ms per run against ~0.12 ms per
+# token on this CPU. On a GPU a run's fixed cost dominates, so batches are filled regardless.
+CPU_BATCH_OVERHEAD_TOKENS = 24
+GPU_BATCH_OVERHEAD_TOKENS = 4096
+
+
 @dataclass(frozen=True)
 class BatcherConfig:
-    max_batch_size: int = 64
+    max_batch_size: int = 0  # 0 = by device: CPU_MAX_BATCH_SIZE or GPU_MAX_BATCH_SIZE
     max_batch_tokens: int = 8192  # batch size x padded length
     max_queue_delay_ms: float = 2.0
     max_queue_size: int = 1024  # items waiting, not counting the batch on the engine
+    max_queue_wait_ms: float = 250.0  # estimated engine time queued before refusing (0 = no bound)
+    batch_overhead_tokens: int = 0  # 0 = by device; see BatchCost
 
     def __post_init__(self) -> None:
-        if self.max_batch_size < 1 or self.max_queue_size < 1 or self.max_batch_tokens < 1:
-            raise ValueError("batch size, queue size and token budget must be positive")
-        if self.max_queue_delay_ms < 0:
-            raise ValueError("max_queue_delay_ms must not be negative")
+        if self.max_batch_size < 0 or self.max_queue_size < 1 or self.max_batch_tokens < 1:
+            raise ValueError("batch size must not be negative; queue size and token budget must be positive")
+        if self.max_queue_delay_ms < 0 or self.max_queue_wait_ms < 0 or self.batch_overhead_tokens < 0:
+            raise ValueError("max_queue_delay_ms, max_queue_wait_ms and batch_overhead_tokens must not be negative")
+
+    def for_device(self, on_gpu: bool) -> BatcherConfig:
+        """Fills the by-device defaults (0) for the engine this batcher will feed."""
+        return replace(
+            self,
+            max_batch_size=self.max_batch_size or (GPU_MAX_BATCH_SIZE if on_gpu else CPU_MAX_BATCH_SIZE),
+            batch_overhead_tokens=self.batch_overhead_tokens
+            or (GPU_BATCH_OVERHEAD_TOKENS if on_gpu else CPU_BATCH_OVERHEAD_TOKENS),
+        )
+
+
+# The optimal split is computed over at most this many queued items nearest the oldest in length:
+# O(window x max_batch_size) Python steps per batch. A queue bounded by `max_queue_wait_ms` rarely
+# holds more.
+PLAN_WINDOW = 256
+
+
+@dataclass(frozen=True, slots=True)
+class BatchCost:
+    """Engine time of a padded batch, in token units: `overhead + size x padded_length`.
+
+    On the CPU a padded token costs as much as a real one, and every run has a fixed cost, so the
+    batcher splits the queue (sorted by length) into the batches of least total cost and runs the
+    one that holds the oldest item: a 10-token query is not padded to 100 tokens, and lengths that
+    are alike share one run.
+    """
+
+    overhead: int
+
+    def total(self, size: int, padded_length: int) -> int:
+        return self.overhead + size * padded_length
+
+    def plan(self, lengths: Sequence[int], max_size: int, max_tokens: int) -> list[tuple[int, int]]:
+        """Splits ascending `lengths` into contiguous [start, end) groups of least total cost."""
+        n = len(lengths)
+        best = [0.0] + [math.inf] * n
+        cut = [0] * (n + 1)
+        for end in range(1, n + 1):
+            longest = lengths[end - 1]
+            for start in range(end - 1, max(0, end - max_size) - 1, -1):
+                size = end - start
+                if size > 1 and size * longest > max_tokens:
+                    break
+                cost = best[start] + self.overhead + size * longest
+                if cost < best[end]:
+                    best[end], cut[end] = cost, start
+        groups = []
+        end = n
+        while end > 0:
+            groups.append((cut[end], end))
+            end = cut[end]
+        return groups[::-1]
 
 
 @dataclass(frozen=True)
@@ -95,7 +164,10 @@ class Batcher:
         name: str = "batcher",
         on_batch: Callable[[BatchStats], None] = _no_stats,
     ) -> None:
+        if config.max_batch_size == 0 or config.batch_overhead_tokens == 0:
+            config = config.for_device(on_gpu=False)
         self.config = config
+        self.cost = BatchCost(config.batch_overhead_tokens)
         self.name = name
         self._run = run
         self._on_batch = on_batch
@@ -107,12 +179,25 @@ class Batcher:
         self._task: asyncio.Task[None] | None = None
         self._inflight: asyncio.Task[None] | None = None
         self.batches_run = 0
+        self._seconds_per_token: float | None = None  # engine time per cost unit, smoothed over batches
+        self._queued_tokens = 0
 
     # --- public -------------------------------------------------------------------------------
 
     @property
     def queue_depth(self) -> int:
         return len(self._queue)
+
+    @property
+    def queued_work_seconds(self) -> float | None:
+        """Estimated engine time of the queued items; None until a batch has been timed."""
+        return self._work_seconds(len(self._queue), self._queued_tokens)
+
+    def _work_seconds(self, items: int, tokens: int) -> float | None:
+        if self._seconds_per_token is None:
+            return None
+        batches = math.ceil(items / self.config.max_batch_size)
+        return (tokens + batches * self.cost.overhead) * self._seconds_per_token
 
     @property
     def idle(self) -> bool:
@@ -128,10 +213,19 @@ class Batcher:
         """Admits all items or none. Each future resolves to that item's score row [N]."""
         if self._closed:
             raise BatcherClosed(f"{self.name} is draining")
-        if len(self._queue) + len(items) > self.config.max_queue_size:
+        cfg = self.config
+        if len(self._queue) + len(items) > cfg.max_queue_size:
             raise QueueFull(
-                f"queue holds {len(self._queue)} of {self.config.max_queue_size} items; {len(items)} more do not fit"
+                f"queue holds {len(self._queue)} of {cfg.max_queue_size} items; {len(items)} more do not fit"
             )
+        tokens = sum(it.length for it in items)
+        if cfg.max_queue_wait_ms > 0 and self._queue:  # an empty queue always admits: no starvation
+            work = self._work_seconds(len(self._queue) + len(items), self._queued_tokens + tokens)
+            if work is not None and work * 1000.0 > cfg.max_queue_wait_ms:
+                raise QueueFull(
+                    f"queue holds ~{work * 1000.0:.0f} ms of engine work with these items, over "
+                    f"max_queue_wait_ms {cfg.max_queue_wait_ms:.0f}"
+                )
         loop = asyncio.get_running_loop()
         now = loop.time()
         futures = []
@@ -139,6 +233,7 @@ class Batcher:
             fut: asyncio.Future[np.ndarray] = loop.create_future()
             self._queue.append(_Pending(item, fut, deadline, now))
             futures.append(fut)
+        self._queued_tokens += tokens
         self._changed.set()
         return futures
 
@@ -210,7 +305,11 @@ class Batcher:
                 p.future.set_exception(DeadlineExpired("deadline passed while queued"))
                 continue
             live.append(p)
-        self._queue = live
+        self._set_queue(live)
+
+    def _set_queue(self, queue: list[_Pending]) -> None:
+        self._queue = queue
+        self._queued_tokens = sum(p.item.length for p in queue)
 
     def _take_batch(self, now: float) -> list[_Pending]:
         self._drop_dead(now)
@@ -218,37 +317,17 @@ class Batcher:
             return []
         cfg = self.config
         queue = self._queue
-        longest = max(p.item.length for p in queue)
-        if len(queue) <= cfg.max_batch_size and len(queue) * longest <= cfg.max_batch_tokens:
-            self._queue = []
-            return queue
-        # The oldest item always goes next (no starvation); its neighbours in length join it.
+        # The oldest item always goes next (no starvation), with the items that the cheapest split
+        # of the queue puts in its batch.
         order = sorted(range(len(queue)), key=lambda i: (queue[i].item.length, i))
         pos = order.index(0)
-        anchor_len = queue[0].item.length
-        lo, hi, padded = pos, pos, anchor_len
-        left_open, right_open = True, True
-        while hi - lo + 1 < cfg.max_batch_size and (left_open or right_open):
-            left_open = left_open and lo > 0
-            right_open = right_open and hi < len(order) - 1
-            if not (left_open or right_open):
-                break
-            left_gap = anchor_len - queue[order[lo - 1]].item.length if left_open else None
-            right_gap = queue[order[hi + 1]].item.length - anchor_len if right_open else None
-            go_right = left_gap is None or (right_gap is not None and right_gap < left_gap)
-            if go_right:
-                new_len = max(padded, queue[order[hi + 1]].item.length)
-                if (hi - lo + 2) * new_len > cfg.max_batch_tokens:
-                    right_open = False
-                    continue
-                hi, padded = hi + 1, new_len
-            else:
-                if (hi - lo + 2) * padded > cfg.max_batch_tokens:
-                    break  # a shorter item does not raise the padding; the budget is simply spent
-                lo -= 1
-        chosen = set(order[lo : hi + 1])
+        lo = max(0, min(pos - PLAN_WINDOW // 2, len(order) - PLAN_WINDOW))
+        window = order[lo : lo + PLAN_WINDOW]
+        groups = self.cost.plan([queue[i].item.length for i in window], cfg.max_batch_size, cfg.max_batch_tokens)
+        start, end = next((a, b) for a, b in groups if a <= pos - lo < b)
+        chosen = set(window[start:end])
         batch = [queue[i] for i in sorted(chosen)]
-        self._queue = [p for i, p in enumerate(queue) if i not in chosen]
+        self._set_queue([p for i, p in enumerate(queue) if i not in chosen])
         return batch
 
     def _recheck(
@@ -285,6 +364,8 @@ class Batcher:
                 if not p.future.done():
                     p.future.set_result(scores[row])
             self.batches_run += 1
+            units = self.cost.total(len(batch), int(inputs["input_ids"].shape[1]))
+            self._observe_cost(elapsed / units)
             self._on_batch(
                 BatchStats(
                     size=len(batch),
@@ -299,8 +380,13 @@ class Batcher:
             self._engine_busy = False
             self._changed.set()
 
+    def _observe_cost(self, seconds_per_token: float) -> None:
+        # Smoothed, so one slow batch (a GC pause, a noisy neighbour) does not start refusals.
+        prev = self._seconds_per_token
+        self._seconds_per_token = seconds_per_token if prev is None else 0.8 * prev + 0.2 * seconds_per_token
+
     def _fail_all(self, exc: Exception) -> None:
         for p in self._queue:
             if not p.future.done():
                 p.future.set_exception(exc)
-        self._queue = []
+        self._set_queue([])

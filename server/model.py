@@ -15,7 +15,7 @@ from server.features import FeatureEncoder
 from server.golden import check_golden
 from server.manifest import Manifest
 from server.metrics import Metrics
-from server.runtime import ModelRuntime, RuntimeOptions
+from server.runtime import CUDA, ModelRuntime, RuntimeOptions
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,7 @@ class LoadedModel:
         the event loop. Raises on any failure: such a version must never serve."""
         features = FeatureEncoder(path, manifest)
         runtime = ModelRuntime(path, manifest, options)
+        config = config.for_device(on_gpu=runtime.provider == CUDA)
         seconds = runtime.warm_up(warm_up_shapes(manifest, config))
         golden_diff = check_golden(path, manifest, features, runtime)
         log.info("model warmed", extra={"event": "model_warmed", "model": manifest.model,

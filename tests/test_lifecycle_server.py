@@ -47,6 +47,35 @@ def test_queue_full_is_refused_at_once_and_counted(demo_repo: Path) -> None:
         assert elapsed < 60
 
 
+def test_queue_is_bounded_by_estimated_engine_time(demo_repo: Path) -> None:
+    """A burst worth more than --max-queue-wait-ms of engine work: the excess is refused, saying why."""
+    with run_server(demo_repo, "--max-queue-wait-ms", "60", "--max-queue-size", "1024") as srv:
+        asyncio.run(_fire(srv.target, 4, timeout=60, delay_each=0.2))  # timed batches feed the estimate
+
+        async def burst() -> list[grpc.aio.AioRpcError | None]:
+            async with grpc.aio.insecure_channel(srv.target) as ch:
+                stub = scoring_pb2_grpc.ScorerStub(ch)  # type: ignore[no-untyped-call]
+
+                async def one(i: int) -> grpc.aio.AioRpcError | None:
+                    try:
+                        # Not the warm-up's queries: those would be answered by the result cache.
+                        await stub.Score(scoring_pb2.ScoreRequest(query=f"突发{i}", title=LONG_TITLE), timeout=60)
+                        return None
+                    except grpc.aio.AioRpcError as err:
+                        return err
+
+                return list(await asyncio.gather(*(one(i) for i in range(120))))
+
+        errors = asyncio.run(burst())
+        refused = [e for e in errors if e is not None]
+        assert refused and len(refused) < 120
+        assert {e.code() for e in refused} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+        assert all("ms of engine work" in (e.details() or "") for e in refused)
+        m = scrape(srv)
+        assert m['model_lost_total{model="demo",reason="queue_full",version="1"}'] == len(refused)
+        assert m['scoring_batch_size_sum{model="demo"}'] == 4 + 120 - len(refused)
+
+
 def test_expired_deadlines_are_not_computed(demo_repo: Path) -> None:
     with run_server(demo_repo, "--max-batch-size", "1", "--max-queue-delay-ms", "0") as srv:
         codes = asyncio.run(_fire(srv.target, 40, timeout=0.25))
