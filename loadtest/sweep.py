@@ -129,6 +129,11 @@ async def find_max_rate(
             f"{summary['achieved_rate']:9.1f}/s  p50 {_ms(lat['p50_ms'])}  p99 {_ms(lat['p99_ms'])}  "
             f"generator {summary['generator_cpu_cores']:.2f} cores  -> {'sustainable' if ok else why}")
 
+    if start_rate * step_s < 200:
+        # The keep-up and p99 verdicts are counts over the step; with few calls Poisson noise alone can fail
+        # a step (p99 of 50 samples is nearly the max), and one noisy failure stops the grid early.
+        say(f"  note: the first step has about {start_rate * step_s:.0f} calls; verdicts on so few are noisy "
+            "(longer steps or a higher start rate help)")
     warm = min(3.0, step_s) if warmup_s is None else warmup_s
     if warm > 0:
         say(f"  warm-up {warm:g} s at {start_rate:g}/s (not measured)")

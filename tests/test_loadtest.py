@@ -1,0 +1,175 @@
+"""`python -m loadtest` against the real server (demo model, gRPC over loopback), run as users run it.
+
+Each run is a couple of seconds at a low rate: the point is that the tool measures and reports
+correctly (every call OK, achieved ≈ offered, ordered percentiles, its own CPU, the plots), not how
+fast this machine is. The sweep's decision logic is checked on a real run's measurements.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from loadtest.plots import plot_sweep
+from loadtest.sweep import judge, next_rate, summarize_sweep
+from tests.server_harness import REPO_ROOT, ServerProcess, free_port, run_server
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+RUN_TIMEOUT_S = 90  # generous: the machine may be shared; a healthy run takes a few seconds
+
+
+def loadtest(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "loadtest", *args], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=RUN_TIMEOUT_S, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+
+
+def read_result(out: Path) -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads((out / "result.json").read_text(encoding="utf-8"))
+    return doc
+
+
+def assert_png(path: Path) -> None:
+    assert path.is_file(), f"{path} was not written"
+    assert path.read_bytes()[:8] == PNG_MAGIC
+
+
+def assert_clean_run(summary: dict[str, Any]) -> None:
+    """Every call OK, achieved close to offered, ordered percentiles, the generator's CPU reported."""
+    assert summary["failures"] == {}
+    assert summary["scheduled"] > 0 and summary["ok"] == summary["scheduled"]
+    # A low rate on a loopback server: all of it gets through. The slack covers the window's edges
+    # (a call sent just before the window closes completes after it) on a machine shared with others.
+    assert 0.75 * summary["offered_rate"] <= summary["achieved_rate"] <= 1.25 * summary["offered_rate"], summary
+    lat = summary["latency"]
+    ordered = [lat["p50_ms"], lat["p90_ms"], lat["p99_ms"], lat["p99.9_ms"], lat["max_ms"]]
+    assert all(v is not None and v > 0 for v in ordered), lat
+    assert ordered == sorted(ordered), lat
+    assert summary["generator_cpu_cores"] is not None and summary["generator_cpu_cores"] > 0
+    assert summary["generator_cpu_s"] > 0
+
+
+@pytest.fixture(scope="module")
+def server(demo_repo: Path) -> Iterator[ServerProcess]:
+    with run_server(demo_repo) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def open_loop_run(server: ServerProcess, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str, Path]:
+    """One open-loop run at 20/s for 3 s (constant spacing, so the offered rate is exact)."""
+    out = tmp_path_factory.mktemp("loadtest_open")
+    done = loadtest("--target", server.target, "--rate", "20", "--duration", "3", "--arrival", "constant",
+                    "--warmup", "1", "--synthetic", "300", "--metadata", "x-loadtest=secret-value", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    return read_result(out), done.stderr, out
+
+
+def test_open_loop_run_reports_every_call(open_loop_run: tuple[dict[str, Any], str, Path]) -> None:
+    doc, stderr, out = open_loop_run
+    assert doc["mode"] == "open"
+    summary = doc["summary"]
+    assert summary["rate"] == 20 and summary["arrival"] == "constant"
+    assert summary["scheduled"] == 60  # 20/s for 3 s, evenly spaced
+    assert_clean_run(summary)
+    assert doc["workload"]["requests"] == 300 and doc["workload"]["source"].startswith("synthetic")
+    # The metadata went out with the calls (they all succeeded) and its value never reaches the file.
+    assert doc["metadata_keys"] == ["x-loadtest"]
+    assert "secret-value" not in (out / "result.json").read_text(encoding="utf-8")
+    assert "open loop:" in stderr and "% of 3 s sent" in stderr  # progress lines while it runs
+    assert_png(out / "latency_histogram.png")
+
+
+def test_closed_loop_run_from_a_workload_file(server: ServerProcess, tmp_path: Path) -> None:
+    rows = [
+        {"query": "北京旅游攻略", "title": "北京三日游最全攻略", "site": "mafengwo.cn", "ner": ["LOC"],
+         "industry": "旅游"},
+        {"query": "感冒吃什么药", "title": "感冒了吃什么药好得快", "site": "haodf.com"},
+        {"query": "特斯拉股价", "label": 1},  # extra keys are ignored, missing fields are left out
+        {"title": "没有查询词的行"},  # no query: skipped and counted
+        {"query": "天气预报", "ner": [], "industry": None},
+    ]
+    workload = tmp_path / "rows.jsonl"
+    workload.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n\n", encoding="utf-8")
+    out = tmp_path / "closed"
+    done = loadtest("--target", server.target, "--concurrency", "2", "--duration", "3", "--warmup", "0.5",
+                    "--workload", str(workload), "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    doc = read_result(out)
+    assert doc["mode"] == "closed"
+    assert doc["workload"]["requests"] == 4 and doc["workload"]["skipped_rows"] == 1
+    summary = doc["summary"]
+    assert summary["concurrency"] == 2 and summary["max_in_flight"] == 2
+    assert summary["send_lag_max_ms"] == 0  # nothing is scheduled in a closed loop
+    assert_clean_run(summary)
+    assert "closed loop:" in done.stderr
+    assert_png(out / "latency_histogram.png")
+
+
+def test_bad_target_and_bad_workload_are_clear_errors(tmp_path: Path) -> None:
+    # Nothing listens on a fresh free port: exit status 1 and a message naming the target.
+    target = f"127.0.0.1:{free_port()}"
+    done = loadtest("--target", target, "--rate", "5", "--duration", "1", "--connect-timeout", "1",
+                    "--out", str(tmp_path / "a"))
+    assert done.returncode == 1 and f"cannot connect to {target}" in done.stderr
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"query": "ok"}\n{"query": "broken"\n', encoding="utf-8")
+    done = loadtest("--target", target, "--rate", "5", "--duration", "1", "--workload", str(bad),
+                    "--out", str(tmp_path / "b"))
+    assert done.returncode == 1 and f"{bad}:2: not JSON" in done.stderr
+    done = loadtest("--target", "no-port", "--rate", "5", "--out", str(tmp_path / "c"))
+    assert done.returncode == 2 and "HOST:PORT" in done.stderr
+
+
+def test_sweep_decisions_on_real_measurements(open_loop_run: tuple[dict[str, Any], str, Path],
+                                              tmp_path: Path) -> None:
+    summary = open_loop_run[0]["summary"]
+    p99 = summary["latency"]["p99_ms"]
+    assert judge(summary, p99_objective_ms=p99 * 2) == (True, "ok")
+    ok, why = judge(summary, p99_objective_ms=p99 / 2)
+    assert not ok and why.startswith("p99")
+    # The same measurements with calls lost, or fewer answers than offered, are not sustainable either.
+    assert not judge({**summary, "failures": {"DEADLINE_EXCEEDED": 1}}, p99 * 2)[0]
+    assert not judge({**summary, "achieved_rate": summary["offered_rate"] * 0.9}, p99 * 2)[0]
+
+    def step(rate: float, objective: float) -> dict[str, Any]:
+        good, verdict = judge(summary, objective)
+        return {**summary, "target_rate": rate, "sustainable": good, "verdict": verdict}
+
+    passing, failing = p99 * 2, p99 / 2
+    assert next_rate([step(20, passing)]) == 40  # all sustainable: grow
+    assert next_rate([step(20, passing)], max_rate=30) == 30  # ... up to the cap
+    assert next_rate([step(20, passing), step(30, passing)], max_rate=30) is None
+    assert next_rate([step(20, failing)]) == 10  # none sustainable: halve
+    assert next_rate([step(0.8, failing)]) is None
+    steps = [step(20, passing), step(40, failing)]
+    assert next_rate(steps) == 30  # bisect between the best pass and the first failure above it
+    assert next_rate([*steps, step(39, passing)]) is None  # within 5%: done
+
+    found = summarize_sweep([*steps, step(30, passing)], p99_objective_ms=passing)
+    assert found["max_rate"] == 30 and found["first_failing_rate"] == 40 and found["bracketed"]
+    assert [s["target_rate"] for s in found["steps"]] == [20, 30, 40]
+    assert_png(plot_sweep(found, tmp_path / "sweep.png", "real measurements, re-judged"))
+
+
+def test_sweep_cli(server: ServerProcess, tmp_path: Path) -> None:
+    # Two short grid steps (10/s, then the 20/s cap); whether each passes depends on this machine's load,
+    # so only the shape of the answer is checked here, and the decision logic above.
+    out = tmp_path / "sweep"
+    done = loadtest("--target", server.target, "--sweep", "--p99-objective-ms", "2000", "--rate", "10",
+                    "--max-rate", "20", "--duration", "1.5", "--refine", "1", "--warmup", "0", "--synthetic", "100",
+                    "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    found = read_result(out)["sweep"]
+    rates = [s["target_rate"] for s in found["steps"]]
+    assert 10 in rates and max(rates) <= 20
+    assert all(s["verdict"] for s in found["steps"])
+    assert found["max_rate"] in [0.0, *(s["target_rate"] for s in found["steps"] if s["sustainable"])]
+    assert "max sustainable rate" in done.stderr
+    assert_png(out / "sweep.png")
