@@ -49,6 +49,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
           choices=["auto", "fp32", "int8", "fp16"])
     _flag(ap, "--intra-op-threads", int, d_rt.intra_op_threads, "ORT threads (0 = CPUs the container may use)")
     _flag(ap, "--inter-op-threads", int, d_rt.inter_op_threads, "ORT inter-op threads")
+    _flag(ap, "--shape-buckets", str, d_rt.shape_buckets,
+          "pad batches to fixed shapes (powers of two x multiples of 16 tokens): auto = on for CUDA only",
+          choices=["auto", "on", "off"])
+    _flag(ap, "--cuda-graphs", int, 0, "1 = capture and replay one CUDA graph per shape bucket (CUDA only)")
     _flag(ap, "--max-batch-size", int, d_batch.max_batch_size,
           f"items per engine batch (0 = by device: {CPU_MAX_BATCH_SIZE} on CPU, {GPU_MAX_BATCH_SIZE} on GPU)")
     _flag(ap, "--max-batch-tokens", int, d_batch.max_batch_tokens, "batch size x padded length per batch")
@@ -97,7 +101,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             repo=args.model_repo,
             default_model=args.default_model,
             runtime=RuntimeOptions(device=args.device, precision=args.precision,
-                                   intra_op_threads=args.intra_op_threads, inter_op_threads=args.inter_op_threads),
+                                   intra_op_threads=args.intra_op_threads, inter_op_threads=args.inter_op_threads,
+                                   shape_buckets=args.shape_buckets, cuda_graphs=bool(args.cuda_graphs)),
             batcher=BatcherConfig(max_batch_size=args.max_batch_size, max_batch_tokens=args.max_batch_tokens,
                                   max_queue_delay_ms=args.max_queue_delay_ms, max_queue_size=args.max_queue_size,
                                   max_queue_wait_ms=args.max_queue_wait_ms,

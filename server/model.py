@@ -61,7 +61,8 @@ class LoadedModel:
         features = FeatureEncoder(path, manifest)
         runtime = ModelRuntime(path, manifest, options)
         config = config.for_device(on_gpu=runtime.provider == CUDA)
-        seconds = runtime.warm_up(warm_up_shapes(manifest, config))
+        runtime.set_batch_limit(config.max_batch_size)
+        seconds = runtime.warm_up(runtime.warm_up_shapes(warm_up_shapes(manifest, config)))
         golden_diff = check_golden(path, manifest, features, runtime)
         log.info("model warmed", extra={"event": "model_warmed", "model": manifest.model,
                                         "version": manifest.version, "seconds": round(seconds, 3),

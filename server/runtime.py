@@ -1,4 +1,11 @@
-"""One ONNX Runtime session for one model version: provider choice, threads, warm-up, run."""
+"""One ONNX Runtime session for one model version: provider choice, threads, shape buckets, warm-up, run.
+
+Shape buckets pad every batch to a fixed set of shapes (batch sizes in powers of two, lengths in
+steps of `LENGTH_STEP`). On a GPU that keeps the set of shapes small, so each is warmed up once and,
+with `cuda_graphs`, captured once as a CUDA graph and replayed (ORT's CUDA graphs need fixed shapes
+and fixed input/output buffers). On a CPU a padded token costs a full token, so buckets are off there
+by default.
+"""
 
 from __future__ import annotations
 
@@ -30,6 +37,56 @@ class RuntimeOptions:
     intra_op_threads: int = 0  # 0 = ONNX Runtime's default (one per physical core)
     inter_op_threads: int = 1
     cuda_device_id: int = 0
+    shape_buckets: str = "auto"  # auto (on for CUDA) | on | off
+    cuda_graphs: bool = False  # capture one CUDA graph per shape bucket (CUDA only; needs buckets)
+
+
+LENGTH_STEP = 16
+INPUTS = ("input_ids", "attention_mask", "token_type_ids", "site_id", "ner_ids", "industry_id")
+
+
+@dataclass(frozen=True)
+class ShapeBuckets:
+    max_batch_size: int
+    max_seq_len: int
+    max_ner: int
+
+    def batch_sizes(self) -> list[int]:
+        sizes = [1]
+        while sizes[-1] < self.max_batch_size:
+            sizes.append(min(sizes[-1] * 2, self.max_batch_size))
+        return sizes
+
+    def lengths(self) -> list[int]:
+        return sorted({min(n, self.max_seq_len) for n in range(LENGTH_STEP, self.max_seq_len + LENGTH_STEP,
+                                                                 LENGTH_STEP)})
+
+    def shapes(self) -> list[tuple[int, int]]:
+        return [(b, s) for b in self.batch_sizes() for s in self.lengths()]
+
+    def fit(self, batch: int, length: int) -> tuple[int, int]:
+        """The smallest bucket that holds a batch; a batch over the limits keeps its own size."""
+        b = next((x for x in self.batch_sizes() if x >= batch), batch)
+        s = next((x for x in self.lengths() if x >= length), length)
+        return b, s
+
+    def pad(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        batch, length = inputs["input_ids"].shape
+        b, s = self.fit(batch, length)
+        k = max(self.max_ner, inputs["ner_ids"].shape[1])  # wider only if a caller exceeds the manifest
+        out = {}
+        for name, value in inputs.items():
+            if value.ndim == 2:
+                width = k if name == "ner_ids" else s
+                grown = np.zeros((b, width), value.dtype)
+                grown[:batch, : value.shape[1]] = value
+            else:
+                grown = np.zeros((b,), value.dtype)
+                grown[:batch] = value
+            if b > batch:
+                grown[batch:] = grown[0]  # filler rows copy a real row: no all-masked rows, scores dropped
+            out[name] = grown
+        return out
 
 
 def _cuda_usable() -> bool:
@@ -65,9 +122,13 @@ class ModelRuntime:
         so.inter_op_num_threads = options.inter_op_threads
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.log_severity_level = 3
+        self.cuda_graphs = want_cuda and options.cuda_graphs
         providers: list[str | tuple[str, dict[str, object]]] = [CPU]
         if want_cuda:
-            providers = [(CUDA, {"device_id": options.cuda_device_id}), CPU]
+            cuda_options: dict[str, object] = {"device_id": options.cuda_device_id}
+            if self.cuda_graphs:
+                cuda_options["enable_cuda_graph"] = "1"
+            providers = [(CUDA, cuda_options), CPU]
         path = version_dir / manifest.precisions[self.precision]
         t0 = time.perf_counter()
         try:
@@ -78,15 +139,48 @@ class ModelRuntime:
         self.load_seconds = time.perf_counter() - t0
         if want_cuda and self.provider != CUDA:
             log.warning("CUDA requested but the session runs on %s", self.provider)
+            self.cuda_graphs = False
         self._use_io_binding = self.provider == CUDA
         self.num_heads = len(manifest.heads)
+        self.max_seq_len = manifest.max_seq_len
+        self.max_ner = max(1, manifest.max_ner_tags)  # features never emit more NER ids than this
+        use_buckets = options.shape_buckets == "on" or (options.shape_buckets == "auto" and self.provider == CUDA)
+        if self.cuda_graphs and not use_buckets:
+            raise EngineError("CUDA graphs need shape buckets (--shape-buckets auto or on)")
+        self.buckets: ShapeBuckets | None = None
+        self._use_buckets = use_buckets
+        self._graphs: dict[tuple[int, int], _CudaGraphSlot] = {}
+        self._device_id = options.cuda_device_id
+
+    def set_batch_limit(self, max_batch_size: int) -> None:
+        """Fixes the bucket set once the batcher's limit for this device is known."""
+        if self._use_buckets:
+            self.buckets = ShapeBuckets(max_batch_size, self.max_seq_len, self.max_ner)
+
+    def warm_up_shapes(self, fallback: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """Every bucket when buckets are on (each is then allocated, or captured, once); else `fallback`."""
+        return self.buckets.shapes() if self.buckets is not None else fallback
 
     def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         """Scores [B, N] float32 for a padded batch."""
+        batch = inputs["input_ids"].shape[0]
+        if self.buckets is not None:
+            inputs = self.buckets.pad(inputs)
+        if self.cuda_graphs:
+            return self._run_graph(inputs)[:batch]
         if self._use_io_binding:
-            return self._run_bound(inputs)
+            return self._run_bound(inputs)[:batch]
         scores: np.ndarray = self.session.run(["scores"], inputs)[0]
-        return scores
+        return scores[:batch]
+
+    def _run_graph(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        shape = inputs["input_ids"].shape
+        key = (int(shape[0]), int(shape[1]))
+        slot = self._graphs.get(key)
+        if slot is None:  # first run of this bucket: allocate its buffers; ORT captures the graph
+            slot = _CudaGraphSlot(self.session, inputs, self.num_heads, self._device_id, len(self._graphs) + 1)
+            self._graphs[key] = slot
+        return slot.run(self.session, inputs)
 
     def _run_bound(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         # IOBinding copies inputs to the device once and skips the `features` output entirely.
@@ -117,3 +211,33 @@ class ModelRuntime:
                 raise EngineError(f"warm-up batch {batch}x{length} gave scores of shape {scores.shape} "
                                     "or non-finite values")
         return time.perf_counter() - t0
+
+
+class _CudaGraphSlot:
+    """Fixed device buffers and a graph id for one bucket shape: ORT captures on the first run and
+    replays after that, reading inputs from the same addresses (so they are updated in place)."""
+
+    def __init__(self, session: ort.InferenceSession, inputs: dict[str, np.ndarray], num_heads: int,
+                 device_id: int, graph_id: int) -> None:
+        batch = inputs["input_ids"].shape[0]
+        self.values = {name: ort.OrtValue.ortvalue_from_numpy(inputs[name], "cuda", device_id) for name in INPUTS}
+        self.scores = ort.OrtValue.ortvalue_from_shape_and_type([batch, num_heads], np.float32, "cuda", device_id)
+        width = next(o.shape[1] for o in session.get_outputs() if o.name == "features")
+        self.features = ort.OrtValue.ortvalue_from_shape_and_type([batch, width], np.float32, "cuda", device_id)
+        self.binding = session.io_binding()
+        for name, value in self.values.items():
+            self.binding.bind_ortvalue_input(name, value)
+        self.binding.bind_ortvalue_output("scores", self.scores)
+        self.binding.bind_ortvalue_output("features", self.features)
+        self.options = ort.RunOptions()
+        self.options.add_run_config_entry("gpu_graph_id", str(graph_id))
+        self.captured = False
+
+    def run(self, session: ort.InferenceSession, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        if self.captured:
+            for name, value in self.values.items():
+                value.update_inplace(inputs[name])
+        session.run_with_iobinding(self.binding, self.options)
+        self.captured = True
+        scores: np.ndarray = self.scores.numpy()
+        return scores
