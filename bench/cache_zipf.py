@@ -239,12 +239,27 @@ def cache_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, 
             "not_computed_rate": round((hits + coalesced) / total, 4) if total else None}
 
 
-async def fetch(target: str, bodies: Sequence[bytes], timeout_s: float) -> list[dict[int, float]]:
-    """Scores for each body, all sent at once (so the server batches them with companions)."""
+async def fetch(target: str, bodies: Sequence[bytes], timeout_s: float, group: int = 16) -> list[dict[int, float]]:
+    """Scores for each body, `group` at a time (so the server batches them with companions). A call the
+    server sheds (RESOURCE_EXHAUSTED: its admission control) is retried; any other error is raised."""
+    out: list[dict[int, float]] = []
     async with grpc.aio.insecure_channel(target) as ch:
         call = ch.unary_unary(SCORE_METHOD, request_serializer=None, response_deserializer=None)
-        raw = await asyncio.gather(*(call(b, timeout=timeout_s) for b in bodies))
-    return [dict(scoring_pb2.ScoreResponse.FromString(r).scores) for r in raw]
+
+        async def one(body: bytes) -> dict[int, float]:
+            for attempt in range(20):
+                try:
+                    raw = await call(body, timeout=timeout_s)
+                    return dict(scoring_pb2.ScoreResponse.FromString(raw).scores)
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or attempt == 19:
+                        raise
+                    await asyncio.sleep(0.05 * (attempt + 1))
+            raise AssertionError("unreachable")
+
+        for i in range(0, len(bodies), group):
+            out += await asyncio.gather(*(one(b) for b in bodies[i:i + group]))
+    return out
 
 
 def compare(a: Sequence[dict[int, float]], b: Sequence[dict[int, float]]) -> dict[str, Any]:
