@@ -49,6 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
           choices=["auto", "fp32", "int8", "fp16"])
     _flag(ap, "--intra-op-threads", int, d_rt.intra_op_threads, "ORT threads (0 = CPUs the container may use)")
     _flag(ap, "--inter-op-threads", int, d_rt.inter_op_threads, "ORT inter-op threads")
+    _flag(ap, "--ort-spin", int, int(d_rt.spin), "1 = ORT threads spin while waiting for work; 0 = they sleep")
     _flag(ap, "--shape-buckets", str, d_rt.shape_buckets,
           "pad batches to fixed shapes (powers of two x multiples of 16 tokens): auto = on for CUDA only",
           choices=["auto", "on", "off"])
@@ -102,7 +103,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             default_model=args.default_model,
             runtime=RuntimeOptions(device=args.device, precision=args.precision,
                                    intra_op_threads=args.intra_op_threads, inter_op_threads=args.inter_op_threads,
-                                   shape_buckets=args.shape_buckets, cuda_graphs=bool(args.cuda_graphs)),
+                                   spin=bool(args.ort_spin), shape_buckets=args.shape_buckets,
+                                   cuda_graphs=bool(args.cuda_graphs)),
             batcher=BatcherConfig(max_batch_size=args.max_batch_size, max_batch_tokens=args.max_batch_tokens,
                                   max_queue_delay_ms=args.max_queue_delay_ms, max_queue_size=args.max_queue_size,
                                   max_queue_wait_ms=args.max_queue_wait_ms,

@@ -37,6 +37,7 @@ class RuntimeOptions:
     intra_op_threads: int = 0  # 0 = ONNX Runtime's default (one per physical core)
     inter_op_threads: int = 1
     cuda_device_id: int = 0
+    spin: bool = True  # ORT worker threads busy-wait for work between and inside runs
     shape_buckets: str = "auto"  # auto (on for CUDA) | on | off
     cuda_graphs: bool = False  # capture one CUDA graph per shape bucket (CUDA only; needs buckets)
 
@@ -121,6 +122,10 @@ class ModelRuntime:
         so.intra_op_num_threads = options.intra_op_threads or cpu_limit()
         so.inter_op_num_threads = options.inter_op_threads
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        if not options.spin:
+            # Idle ORT threads sleep instead of spinning, leaving the cores to the event loop that
+            # receives requests and forms the next batch; each op then pays a thread wake-up.
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.log_severity_level = 3
         self.cuda_graphs = want_cuda and options.cuda_graphs
         providers: list[str | tuple[str, dict[str, object]]] = [CPU]
