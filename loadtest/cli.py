@@ -18,7 +18,6 @@ import grpc
 
 from loadtest.closedloop import ClosedLoopConfig, run_closed_loop
 from loadtest.openloop import SCORE_METHOD, LoadConfig, RunResult, run_open_loop, serialize_requests
-from loadtest.plots import HISTOGRAM_PNG, SWEEP_PNG, plot_latency_histogram, plot_sweep
 from loadtest.sweep import KEEP_UP, find_max_rate
 from loadtest.workload import Workload, WorkloadError, load_workload, synthetic_workload
 
@@ -214,7 +213,6 @@ async def run(args: argparse.Namespace, say: Progress) -> dict[str, Any]:
     requests = serialize_requests(workload.requests)
     say(f"workload: {workload.source}, {len(requests)} requests" +
         (f" ({workload.skipped} rows without a query skipped)" if workload.skipped else ""))
-    args.out.mkdir(parents=True, exist_ok=True)
     doc: dict[str, Any] = {
         "tool": "python -m loadtest",
         "started_at": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -226,6 +224,10 @@ async def run(args: argparse.Namespace, say: Progress) -> dict[str, Any]:
     }
     say(f"connecting to {args.target}")
     channel = await connect(args.target, args.connect_timeout)
+    # matplotlib takes a second to import: only once the workload and the target are known to be good.
+    from loadtest.plots import HISTOGRAM_PNG, SWEEP_PNG, plot_latency_histogram, plot_sweep
+
+    args.out.mkdir(parents=True, exist_ok=True)  # only now: a run that cannot start leaves no empty folder
     async with channel:
         if args.sweep:
             doc["mode"] = "sweep"
