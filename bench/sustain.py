@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -30,7 +31,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -262,7 +263,7 @@ class Sampler:
     async def stop(self) -> list[Sample]:
         if self._task is not None:
             self._task.cancel()
-            with suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         return self.samples
 
@@ -442,11 +443,13 @@ async def run_segments(
     timeout_s: float,
     seed: int,
     on_chunk: Callable[[Segment, float, LoadResult], None] | None = None,
+    stop: asyncio.Event | None = None,
 ) -> Calls:
     """Open-loop Poisson load, segment after segment, from `t0` (perf_counter) on.
 
     Each segment is cut into equal chunks of about `chunk_s`; chunk k starts sending at its slot whatever
-    the previous one still awaits, so the offered load has no gap and no coordinated omission."""
+    the previous one still awaits, so the offered load has no gap and no coordinated omission. Once `stop`
+    is set, chunks not yet started are skipped (a run that lasts until something else is done)."""
     plan: list[tuple[Segment, float, float]] = []
     offset = 0.0
     for seg in segments:
@@ -454,8 +457,14 @@ async def run_segments(
         plan += [(seg, offset + j * seg.seconds / n, seg.seconds / n) for j in range(n)]
         offset += seg.seconds
 
-    async def chunk(k: int, seg: Segment, start: float, seconds: float) -> tuple[float, LoadResult]:
-        await asyncio.sleep(max(t0 + start - time.perf_counter(), 0.0))
+    async def chunk(k: int, seg: Segment, start: float, seconds: float) -> tuple[float, LoadResult] | None:
+        if stop is None:
+            await asyncio.sleep(max(t0 + start - time.perf_counter(), 0.0))
+        else:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), max(t0 + start - time.perf_counter(), 0.0))
+            if stop.is_set():
+                return None
         actual = time.perf_counter() - t0 + 0.01  # run_open_loop's clock starts 10 ms after the call
         result = await run_open_loop(channel, requests, LoadConfig(rate=seg.rate, duration_s=seconds,
                                                                    timeout_s=timeout_s, warmup_s=0.0,
@@ -464,10 +473,13 @@ async def run_segments(
             on_chunk(seg, actual, result)
         return actual, result
 
-    done = await asyncio.gather(*(chunk(k, *p) for k, p in enumerate(plan)))
-    chunks = [{"segment": seg.name, "start_s": round(start, 3), **{k: v for k, v in res.summary().items()
-                                                                    if k in ("offered_rate", "ok", "failures")}}
-              for (seg, _, _), (start, res) in zip(plan, done, strict=True)]
+    ran = await asyncio.gather(*(chunk(k, *p) for k, p in enumerate(plan)))
+    done = [d for d in ran if d is not None]
+    chunks = [{"segment": seg.name, "start_s": round(d[0], 3), **{k: v for k, v in d[1].summary().items()
+                                                                   if k in ("offered_rate", "ok", "failures")}}
+              for (seg, _, _), d in zip(plan, ran, strict=True) if d is not None]
+    if not done:
+        return Calls(np.zeros(0), np.zeros(0), np.array([], dtype=object))
     return Calls(
         t=np.concatenate([start + res.scheduled_s for start, res in done]),
         latency=np.concatenate([res.latency_s for _, res in done]),
@@ -641,7 +653,8 @@ def plot_timeline(calls: Calls, samples: Sequence[Sample], path: Path, title: st
         if idx.size > 20000:  # the plot stays small; percentiles use every call
             idx = np.sort(rng.choice(idx, 20000, replace=False))
         if idx.size:
-            ax_lat.scatter(calls.t[idx], calls.latency[idx] * 1000, s=size, color=color, alpha=0.25, lw=0,
+            alpha = 0.7 if idx.size < 3000 else 0.25  # few points must stay visible, many must not smear
+            ax_lat.scatter(calls.t[idx], calls.latency[idx] * 1000, s=size * 2, color=color, alpha=alpha, lw=0,
                            label=f"{label} ({int(m.sum())})", rasterized=True)
     ax_lat.plot(s["t"], s["p99_ms"], color="black", lw=1.2, label=f"p99 of OK per {bin_s:g} s")
     ax_lat.plot(s["t"], s["p50_ms"], color="grey", lw=1.0, ls="--", label=f"p50 of OK per {bin_s:g} s")

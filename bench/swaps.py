@@ -96,7 +96,7 @@ def summarize(calls: Calls, swaps: list[Swap], args: argparse.Namespace, load_en
     for sw, (lo, hi) in zip(swaps, windows, strict=True):
         st = calls.stats(lo, hi)
         per_swap.append({**sw.to_json(), "window": [round(lo, 2), round(hi, 2)], "calls": st["calls"],
-                         "failed": st["failed"], "failures": st["failures"], "ok_latency": st["ok_latency"]})
+                         "failed_calls": st["failed"], "failures": st["failures"], "ok_latency": st["ok_latency"]})
     all_stats = calls.stats(0.0, load_end)
     ratio = (during["p99_ms"] / steady["ok_latency"]["p99_ms"]
              if during["p99_ms"] and steady["ok_latency"]["p99_ms"] else None)
@@ -139,7 +139,18 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             def progress(seg: Segment, start: float, res: LoadResult) -> None:
                 log(chunk_line(seg, start, res, sampler))
 
+            stop = asyncio.Event()
+
             async def swapper() -> None:
+                try:
+                    await swap_all()
+                    # The load goes on until the last swap window (and the planned time) is over.
+                    end = max(total, swaps[-1].end_t + args.window_tail_s + 2.0 if swaps else 0.0)
+                    await asyncio.sleep(max(t0 + end - time.perf_counter(), 0.0))
+                finally:
+                    stop.set()
+
+            async def swap_all() -> None:
                 version = int(src.name)
                 for i in range(args.swaps):
                     slot = t0 + args.warmup_s + args.steady_s + i * args.swap_every_s
@@ -156,10 +167,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
             async with grpc.aio.insecure_channel(server.target) as channel:
                 segments = [Segment("warm-up", load, args.warmup_s), Segment("steady", load, args.steady_s),
-                             Segment("swaps", load, args.swaps * args.swap_every_s)]
+                             Segment("swaps", load, args.swaps * (args.swap_every_s + 60.0) + 60.0)]
                 calls, _ = await asyncio.gather(
                     run_segments(channel, work.requests, segments, t0=t0, chunk_s=5.0, timeout_s=args.timeout_s,
-                                 seed=args.seed, on_chunk=progress),
+                                 seed=args.seed, on_chunk=progress, stop=stop),
                     swapper())
             samples = await sampler.stop()
             after = await server.ascrape()
@@ -169,7 +180,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     versions_seen = sorted(v for v, n in pv_after.items() if n - pv_before.get(v, 0.0) > 0)
     loads = {k.split('outcome="')[1].rstrip('"}'): v for k, v in after.items()
              if k.startswith("scoring_model_loads_total{")}
-    summary = summarize(calls, swaps, args, total)
+    load_end = float(calls.t.max()) if calls.t.size else total
+    summary = summarize(calls, swaps, args, load_end + 1e-3)
     steady_rss = [s.rss_mib for s in sampler.between(args.warmup_s, args.warmup_s + args.steady_s)]
     swap_rss = [s.rss_mib for s in samples if any(sw.renamed_t <= s.t < sw.end_t for sw in swaps)]
     end_rss = [s.rss_mib for s in samples[-6:]]
@@ -186,8 +198,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "samples": [vars(s) for s in samples],
     })
     png = plot_timeline(calls, samples, out / "swaps.png", f"Hot swaps under {load:.0f} req/s Poisson "
-                        f"({args.load_fraction:.0%} of the sustainable rate); green = swap (rename → old version "
-                        "unloaded), line = new version serving", bin_s=2.0, swaps=swaps,
+                        f"({args.load_fraction:.0%} of sustainable). Green: rename → old version unloaded; "
+                        "line: new version serves", bin_s=2.0, swaps=swaps,
                         phases=[("steady", args.warmup_s, args.warmup_s + args.steady_s)],
                         reference_rate=None)
     results["plot"] = str(png)
@@ -240,7 +252,7 @@ def markdown(r: dict[str, Any], args: argparse.Namespace) -> str:
     for s in r["per_swap"]:
         lines.append(f"| v{s['previous']} → v{s['version']}{' FAILED: ' + s['failed'] if s['failed'] else ''} | "
                      f"{_s(s['detect_s'])} | {_s(s['load_verify_warm_golden_s'])} | {_s(s['switch_s'])} | "
-                     f"{_s(s['drain_unload_s'])} | {_s(s['total_s'])} | {s['calls']} | {s['failed']} | "
+                     f"{_s(s['drain_unload_s'])} | {_s(s['total_s'])} | {s['calls']} | {s['failed_calls']} | "
                      f"{fmt_ms(s['ok_latency']['p99_ms'])} | {fmt_ms(s['ok_latency']['max_ms'])} |")
     ratio_ok = ratio is not None and ratio <= args.target_ratio
     lines += [
