@@ -104,11 +104,11 @@ def load_model_data(model_repo: Path, model: str, data: Path) -> ModelData:
 
 
 def engine_limit(data: ModelData, threads: int, batch_sizes: Sequence[int], rounds: int,
-                 min_seconds: float) -> dict[str, Any]:
+                 min_seconds: float, progress: Callable[[str], None] = log) -> dict[str, Any]:
     """The raw ONNX Runtime fp32 throughput at its best batch size (bench.engine), the server's ceiling."""
     engine = load_engine(data.version_dir, data.manifest, "fp32", threads)
     table = throughput_sweep({"fp32": engine}, data.items, batch_sizes, arrival_order_precisions=(),
-                             rounds=rounds, min_seconds=min_seconds, progress=log)
+                             rounds=rounds, min_seconds=min_seconds, progress=progress)
     del engine
     gc.collect()  # the session's arenas and threads go before any server starts
     best = table["best"]["fp32"]
@@ -301,6 +301,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--benchmarks-md", type=Path, default=REPO_ROOT / "BENCHMARKS.md")
     ap.add_argument("--docs-dir", type=Path, default=REPO_ROOT / "docs" / "bench")
     ap.add_argument("--no-docs", action="store_true", help="leave BENCHMARKS.md and docs/bench/ alone")
+    ap.add_argument("--from-results", type=Path, default=None, metavar="RESULTS_JSON",
+                    help="measure nothing: rewrite the plot, summary and BENCHMARKS.md section from a results.json")
     args = ap.parse_args(argv)
     if args.quick:
         args.batch_sizes, args.engine_rounds, args.engine_min_s = [8, 16], 1, 0.8
@@ -326,7 +328,7 @@ async def uncached_phase(args: argparse.Namespace, data: ModelData, limit: float
         reference = await fetch(server.target, exact_bodies, args.timeout_s)
     finally:
         await asyncio.to_thread(server.stop)
-    result["command"] = server.command
+    result.update(sweep_outcome(result["steps"], limit), command=server.command)
     return result, reference
 
 
@@ -560,6 +562,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     out_dir = args.out / NAME
     out_dir.mkdir(parents=True, exist_ok=True)
+    if args.from_results is not None:
+        write_outputs(args, json.loads(args.from_results.read_text()))
+        return 0
     results: dict[str, Any] = {"machine": machine_info(REPO_ROOT)}
     m = results["machine"]
     log(f"{m['cpu_model']}, {m['usable_cpus']} CPUs, code {m['git']}, load average {' '.join(m['loadavg_at_start'])}")
@@ -611,6 +616,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{ex['cached_vs_uncached']['bit_identical_share']}; second pass hits {ex['second_pass_cache']['hit_rate']}")
     results["elapsed_s"] = round(time.perf_counter() - T0, 1)
     results["args"] = {key: str(v) if isinstance(v, Path) else v for key, v in vars(args).items()}
+    write_outputs(args, results)
+    log(f"done in {results['elapsed_s']:.0f} s; results in {out_dir}/")
+    return 0
+
+
+def write_outputs(args: argparse.Namespace, results: dict[str, Any]) -> None:
+    out_dir = args.out / NAME
     png = plot(results, out_dir / f"{NAME}.png")
     md = markdown(results)
     (out_dir / "results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
@@ -618,8 +630,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(md)
     if not args.no_docs:
         write_docs(NAME, md, png, args.benchmarks_md, args.docs_dir)
-    log(f"done in {results['elapsed_s']:.0f} s; results in {out_dir}/")
-    return 0
 
 
 if __name__ == "__main__":

@@ -151,6 +151,9 @@ class WorkerGroup(ServerProcess):
         return total
 
     def worker_pids(self) -> list[int]:
+        """The processes that serve: the workers (the supervisor's children), or the server itself."""
+        if self.workers == 1:
+            return [self.pid]  # --workers 1 runs the server in the process itself, no supervisor
         pids = []
         for entry in os.listdir("/proc"):
             if entry.isdigit():
@@ -221,7 +224,7 @@ async def balanced_channels(group: WorkerGroup, per_worker: int, body: bytes, ti
 
 async def run_config(args: argparse.Namespace, data: ModelData, limit: float, requests: list[bytes],
                      workers: int, threads: int) -> dict[str, Any]:
-    label = f"{workers}w×{threads or 'default'}t"
+    label = f"{workers} worker(s) × {threads or 'default'} thread(s)"
     flags = server_flags(data.manifest.version, args.model, threads, ["--cache-bytes", "0", "--workers",
                                                                       str(workers)])
     log_path = args.out / NAME / f"server-{workers}w-{threads or 'default'}t.log"
@@ -303,6 +306,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--benchmarks-md", type=Path, default=REPO_ROOT / "BENCHMARKS.md")
     ap.add_argument("--docs-dir", type=Path, default=REPO_ROOT / "docs" / "bench")
     ap.add_argument("--no-docs", action="store_true", help="leave BENCHMARKS.md and docs/bench/ alone")
+    ap.add_argument("--from-results", type=Path, default=None, metavar="RESULTS_JSON",
+                    help="measure nothing: rewrite the plot, summary and BENCHMARKS.md section from a results.json")
     args = ap.parse_args(argv)
     args.batch_sizes = [int(b) for b in args.batch_sizes]
     if args.quick:
@@ -340,12 +345,46 @@ def plot(results: dict[str, Any], path: Path) -> Path:
     return path
 
 
+def interpretation(runs: Sequence[dict[str, Any]], cores: int) -> list[str]:
+    """Sentences that follow the measured numbers (whichever way they went)."""
+    base = runs[0]
+    # Max sustained is the headline; when a configuration sustained nothing, compare what it completed.
+    key = "max_sustained_rate" if all(r["max_sustained_rate"] > 0 for r in runs) else "saturation_rate"
+    what = "max sustained rate" if key == "max_sustained_rate" else "completions per second"
+    note = "" if key == "max_sustained_rate" else " (some configuration sustained no step: most completed per second)"
+    out = [f"- {what.capitalize()}{note}: " + "; ".join(
+        f"{r['workers']} × {r['threads_per_worker']} threads {r[key]:.1f}/s" for r in runs) + "."]
+    multi = [r for r in runs if r["workers"] > 1]
+    if not multi or base[key] <= 0:
+        return out
+    best = max(multi, key=lambda r: r[key])
+    gain = best[key] / base[key]
+    verdict = ("about the same as" if 0.95 <= gain <= 1.05 else "more than" if gain > 1.05 else "less than")
+    out.append(f"- The best multi-worker configuration ({best['workers']} × {best['threads_per_worker']}) did "
+               f"{gain:.2f} × one worker's {what}: {verdict} one worker.")
+    out.append(
+        f"- Why: on {cores} cores more workers cannot add compute. One worker's ONNX Runtime already spreads each "
+        f"batch over {base['threads_per_worker']} threads, one per core, and the engine is where the CPU goes "
+        f"(server CPU at the fixed load: {base['fixed_load_step']['cpu']['server_cores']:.2f} cores for one "
+        "worker). Workers only change how the same cores are shared: each worker has its own event loop (gRPC, "
+        "decoding and tokenizing run in parallel rather than on one Python thread, which helps only if the event "
+        "loop is the bottleneck), each batches only its share of the traffic (smaller batches at the same load, "
+        "and on this CPU fp32 throughput peaks at batch 8–16), and with one thread per worker two batches run side "
+        "by side instead of one batch split over two threads (no synchronisation inside a batch, but each batch "
+        "takes about twice as long, which shows in latency). More threads than cores in total (workers × threads > "
+        f"{cores}) makes them take turns on the cores and a parallel section waits for its slowest thread.")
+    out.append("- `--workers N` is for machines with more cores than one engine uses well, or a Python-bound event "
+               "loop; on a 2-core machine the default (1 worker, one thread per core) is the configuration to run "
+               + ("unless a multi-worker row above is clearly ahead." if gain > 1.05 else "."))
+    return out
+
+
 def markdown(results: dict[str, Any]) -> str:
     r, a, eng = results, results["args"], results["engine"]
     limit, cores = eng["limit"], r["machine"]["usable_cpus"]
     runs = r["configs"]
     base = runs[0]
-    lines = [
+    lines: list[str] = [
         "## Throughput against `--workers N` (`python -m bench.workers_scale`)",
         "",
         f"Each configuration is `python -m server --workers N --intra-op-threads T --cache-bytes 0` (fp32, "
@@ -389,27 +428,7 @@ def markdown(results: dict[str, Any]) -> str:
             f"{fx['cpu']['server_cores']:.2f} | {fx['cpu']['bench_cores']:.2f} | {fx['cpu']['foreign_cores']:.2f} | "
             + " / ".join(f"{x / tot:.0%}" for x in share) + " |")
     lines += ["", f"![workers](docs/bench/{NAME}.png)", "", "**What the numbers say.**", ""]
-    best = max(runs, key=lambda x: x["max_sustained_rate"])
-    multi = [x for x in runs if x["workers"] > 1]
-    lines.append(
-        f"- Best: {best['workers']} worker(s) × {best['threads_per_worker']} thread(s), "
-        f"{best['max_sustained_rate']:.1f}/s ({best['max_sustained_ratio']:.2f} × the limit); one worker × "
-        f"{base['threads_per_worker']} threads: {base['max_sustained_rate']:.1f}/s.")
-    if multi:
-        gain = max(x["max_sustained_rate"] for x in multi) / (base["max_sustained_rate"] or 1)
-        lines.append(
-            f"- More workers changed the max sustained rate by a factor of {gain:.2f} at best. On {cores} cores "
-            "they cannot add compute: one worker's ONNX Runtime already runs each batch on "
-            f"{base['threads_per_worker']} threads, one per core, and the engine is where the CPU goes. What "
-            "workers change is how the same cores are shared: each worker has its own event loop (gRPC, "
-            "decoding, tokenizing run in parallel instead of on one Python thread), each batches only its "
-            "share of the traffic (smaller batches at the same load), and with one thread per worker two "
-            "batches run side by side instead of one batch split over two threads (no synchronisation inside "
-            "a batch, but each batch takes about twice as long, which shows in latency). More threads in total "
-            "than cores (workers × threads > cores) makes the threads take turns on the cores.")
-    lines.append("- `--workers N` is for machines with more cores than one engine uses well (or for a "
-                 "Python-bound event loop); on this machine it is measured, not recommended, unless the table "
-                 "says otherwise.")
+    lines += interpretation(runs, cores)
     return "\n".join(lines) + "\n"
 
 
@@ -417,6 +436,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     out_dir = args.out / NAME
     out_dir.mkdir(parents=True, exist_ok=True)
+    if args.from_results is not None:
+        write_outputs(args, json.loads(args.from_results.read_text()))
+        return 0
     results: dict[str, Any] = {"machine": machine_info(REPO_ROOT)}
     m = results["machine"]
     log(f"{m['cpu_model']}, {m['usable_cpus']} CPUs, code {m['git']}, load average {' '.join(m['loadavg_at_start'])}")
@@ -426,7 +448,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results["data"] = {"source": data.source, "distinct_inputs": len(data.pairs)}
     log(f"raw engine: fp32, batch sizes {args.batch_sizes}, {args.engine_rounds} round(s) of ≥ {args.engine_min_s} s")
     results["engine"] = engine_limit(data, args.engine_threads, args.batch_sizes, args.engine_rounds,
-                                     args.engine_min_s)
+                                     args.engine_min_s, log)
     limit = results["engine"]["limit"]
     log(f"  limit {limit:.1f}/s at batch {results['engine']['batch_size']}")
     seen: set[tuple[int, int]] = set()
@@ -441,6 +463,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     results["configs"], results["skipped"] = runs, skipped
     results["elapsed_s"] = round(time.perf_counter() - T0, 1)
     results["args"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    write_outputs(args, results)
+    log(f"done in {results['elapsed_s']:.0f} s; results in {out_dir}/")
+    return 0
+
+
+def write_outputs(args: argparse.Namespace, results: dict[str, Any]) -> None:
+    out_dir = args.out / NAME
     png = plot(results, out_dir / f"{NAME}.png")
     md = markdown(results)
     (out_dir / "results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
@@ -448,8 +477,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(md)
     if not args.no_docs:
         write_docs(NAME, md, png, args.benchmarks_md, args.docs_dir)
-    log(f"done in {results['elapsed_s']:.0f} s; results in {out_dir}/")
-    return 0
 
 
 if __name__ == "__main__":
