@@ -44,10 +44,12 @@ strings], industry; other keys ignored; rows without a query skipped) or --synth
 Chinese text shaped like real search pairs: ~34 tokens per pair, p99 ~80, plus site/NER/industry).
 Requests are built and serialized before the clock starts.
 
-Output (--out DIR): result.json (offered and achieved rate, successes and failures by gRPC status
-code, latency p50/p90/p99/p99.9/max, the generator's own CPU use in cores, the workload's shape) and
-PNG plots: latency_histogram.png for a run; sweep.png (p50/p99 and achieved throughput against
-offered load) for a sweep. Progress lines go to stderr.
+Output (--out DIR): result.json (offered rate = calls sent per second; achieved rate = OK answers
+per second inside the window from --window-start to the end of sending; OK count and failures by
+gRPC status code name; latency of OK calls p50/p90/p99/p99.9/max; the generator's own CPU use in
+cores, which matters when it shares the machine with the server; the workload's shape) and PNG plots:
+latency_histogram.png for a run; sweep.png (p50/p99 and achieved throughput against offered load)
+for a sweep. Progress lines go to stderr.
 """
 
 EPILOG = """\
@@ -69,10 +71,10 @@ class UsageError(Exception):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m loadtest", description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--target", required=True, help="HOST:PORT of the gRPC server (plaintext)")
-    p.add_argument("--rate", type=_positive, default=None,
+    p.add_argument("--target", metavar="HOST:PORT", required=True, help="HOST:PORT of the gRPC server (plaintext)")
+    p.add_argument("--rate", metavar="R", type=_positive, default=None,
                    help="open loop: offered requests/s; sweep: the first step's rate (default 10)")
-    p.add_argument("--duration", type=_positive, default=10.0,
+    p.add_argument("--duration", metavar="S", type=_positive, default=10.0,
                    help="seconds of sending per run, or per step in a sweep (default 10)")
     p.add_argument("--concurrency", type=int, default=None, metavar="C",
                    help="closed loop with C workers instead of an open loop")
@@ -84,22 +86,26 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"N synthetic requests (the default, with N = {DEFAULT_SYNTHETIC})")
     p.add_argument("--max-requests", type=int, default=None, metavar="N",
                    help="use at most the first N rows of --workload")
-    p.add_argument("--method", default=SCORE_METHOD, help=f"full gRPC method name (default {SCORE_METHOD})")
+    p.add_argument("--method", metavar="/PKG.SERVICE/METHOD", default=SCORE_METHOD,
+                   help=f"full gRPC method name (default {SCORE_METHOD})")
     p.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE",
                    help="metadata sent with every call, repeatable (e.g. application=scoring for Ray Serve's "
                         "gRPC proxy); keys are lower-cased; values never reach result.json")
-    p.add_argument("--timeout", type=_positive, default=10.0, help="per-call deadline in seconds (default 10)")
-    p.add_argument("--warmup", type=float, default=2.0,
+    p.add_argument("--timeout", metavar="S", type=_positive, default=10.0,
+                   help="per-call deadline in seconds (default 10)")
+    p.add_argument("--warmup", metavar="S", type=float, default=2.0,
                    help="seconds of unmeasured load before measuring (default 2; 0 = none)")
-    p.add_argument("--window-start", type=float, default=None,
+    p.add_argument("--window-start", metavar="S", type=float, default=None,
                    help="seconds into the run where the achieved-rate window starts (default 20%% of --duration)")
-    p.add_argument("--connect-timeout", type=_positive, default=10.0,
+    p.add_argument("--connect-timeout", metavar="S", type=_positive, default=10.0,
                    help="seconds to wait for the connection before giving up (default 10)")
-    p.add_argument("--seed", type=int, default=0, help="arrival times, request picks, synthetic text")
+    p.add_argument("--seed", metavar="N", type=int, default=0, help="arrival times, request picks, synthetic text")
     p.add_argument("--sweep", action="store_true", help="search for the max sustainable rate (see above)")
-    p.add_argument("--p99-objective-ms", type=_positive, default=None, help="sweep: the p99 latency objective")
-    p.add_argument("--refine", type=int, default=4, help="sweep: bisection steps after the grid (default 4)")
-    p.add_argument("--max-rate", type=_positive, default=None, help="sweep: never offer more than this")
+    p.add_argument("--p99-objective-ms", metavar="MS", type=_positive, default=None,
+                   help="sweep: the p99 latency objective")
+    p.add_argument("--refine", metavar="N", type=int, default=4,
+                   help="sweep: bisection steps after the grid (default 4)")
+    p.add_argument("--max-rate", metavar="R", type=_positive, default=None, help="sweep: never offer more than this")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder (created)")
     return p
 

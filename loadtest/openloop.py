@@ -272,6 +272,8 @@ async def run_open_loop(
         if on_progress is not None and offset >= next_report:
             on_progress(offset / config.duration_s)
             next_report = offset + 1.0
+    if n == 0:  # nothing drawn (a very low rate for a short time): the run still lasts its sending period
+        await asyncio.sleep(max(0.0, start + config.duration_s - time.perf_counter()))
     if pending:
         await asyncio.gather(*pending)
     wall = time.perf_counter() - start

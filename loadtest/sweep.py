@@ -127,7 +127,7 @@ async def find_max_rate(
         lat = summary["latency"]
         say(f"  {phase:6} {rate:9.1f}/s offered {summary['offered_rate']:9.1f}/s  achieved "
             f"{summary['achieved_rate']:9.1f}/s  p50 {_ms(lat['p50_ms'])}  p99 {_ms(lat['p99_ms'])}  "
-            f"generator {summary['generator_cpu_cores']:.2f} cores  -> {'sustainable' if ok else why}")
+            f"generator {summary['generator_cpu_cores'] or 0.0:.2f} cores  -> {'sustainable' if ok else why}")
 
     if start_rate * step_s < 200:
         # The keep-up and p99 verdicts are counts over the step; with few calls Poisson noise alone can fail

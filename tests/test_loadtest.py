@@ -129,8 +129,15 @@ def test_bad_target_and_bad_workload_are_clear_errors(tmp_path: Path) -> None:
 
 def test_sweep_decisions_on_real_measurements(open_loop_run: tuple[dict[str, Any], str, Path],
                                               tmp_path: Path) -> None:
-    summary = open_loop_run[0]["summary"]
-    p99 = summary["latency"]["p99_ms"]
+    measured = open_loop_run[0]["summary"]
+    p99 = measured["latency"]["p99_ms"]
+    # Whether this short run kept up within 5% depends on the machine's load (a few calls more or less
+    # in the window), so the verdict is checked against the numbers, then the rest uses the measured
+    # latencies and counts with the achieved rate set to the offered one.
+    kept_up = measured["achieved_rate"] >= 0.95 * measured["offered_rate"]
+    ok, why = judge(measured, p99_objective_ms=p99 * 2)
+    assert ok == kept_up and (why == "ok" if kept_up else why.startswith("achieved ")), why
+    summary = {**measured, "achieved_rate": measured["offered_rate"]}
     assert judge(summary, p99_objective_ms=p99 * 2) == (True, "ok")
     ok, why = judge(summary, p99_objective_ms=p99 / 2)
     assert not ok and why.startswith("p99")
