@@ -38,6 +38,7 @@ from bench.cache_zipf import (
     ModelData,
     Step,
     engine_limit,
+    exit_on_sigterm,
     fmt,
     fraction_sweep,
     load_model_data,
@@ -434,6 +435,7 @@ def markdown(results: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    exit_on_sigterm()
     out_dir = args.out / NAME
     out_dir.mkdir(parents=True, exist_ok=True)
     if args.from_results is not None:
