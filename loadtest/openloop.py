@@ -185,7 +185,11 @@ class RunResult(Generic[C]):
             "completed_rate": round(self.completed_rate, 3),
             "ok": self.ok,
             "failures": self.failures,
+            "status_codes": dict(sorted(Counter(self.codes).items())),  # OK included: every call, by outcome
             "latency": latency_summary(self.ok_latencies()),
+            # Failed calls are timed apart: a refusal answers at once, a deadline at the timeout; either
+            # would distort the OK percentiles, but how fast failures come back matters under overload.
+            "latency_failed": latency_summary(self.latency_s[~self.ok_mask]),
             "p99_early_ms": latency_summary(early)["p99_ms"],
             "p99_late_ms": latency_summary(late)["p99_ms"],
             "send_lag_p99_ms": lag["p99_ms"],

@@ -105,8 +105,10 @@ async def find_max_rate(
     Returns a JSON-friendly dict: "max_rate" (offered target of the best sustainable step, 0.0 when
     none), "max_offered_rate" / "max_achieved_rate" / "p99_at_max_ms" of that step, "bracketed" (a
     failing rate above it was measured; False means the max is only a lower bound), "saturation_rate"
-    (the highest achieved rate of any step), "steps" (every step's summary with "target_rate",
-    "phase", "sustainable" and "verdict", by rate), and the settings.
+    (the highest achieved rate of any step), "generator_cpu_cores_max" and "generator_lagging_steps"
+    (steps whose sends left more than max(1 ms, 10% of the objective) late at p99: the generator was
+    short of CPU), "steps" (every step's summary with "target_rate", "phase", "sustainable", "verdict"
+    and "generator_lagging", by rate), and the settings.
     """
     if p99_objective_ms <= 0 or start_rate <= 0 or step_s <= 0 or timeout_s <= 0:
         raise ValueError("p99_objective_ms, start_rate, step_s and timeout_s must be positive")
@@ -123,11 +125,17 @@ async def find_max_rate(
         result = await run_open_loop(channel, requests, config(rate, step_s, seed + len(steps) + 1))
         summary = result.summary()
         ok, why = judge(summary, p99_objective_ms)
-        steps.append({"target_rate": round(rate, 3), "phase": phase, **summary, "sustainable": ok, "verdict": why})
+        # Sends that left late mean the generator, not the server, was short of CPU: its latency counts anyway
+        # (no coordinated omission) but the step then says more about this machine than about the server.
+        lagging = (summary["send_lag_p99_ms"] or 0.0) > max(1.0, 0.1 * p99_objective_ms)
+        steps.append({"target_rate": round(rate, 3), "phase": phase, **summary, "sustainable": ok, "verdict": why,
+                      "generator_lagging": lagging})
         lat = summary["latency"]
         say(f"  {phase:6} {rate:9.1f}/s offered {summary['offered_rate']:9.1f}/s  achieved "
             f"{summary['achieved_rate']:9.1f}/s  p50 {_ms(lat['p50_ms'])}  p99 {_ms(lat['p99_ms'])}  "
-            f"generator {summary['generator_cpu_cores'] or 0.0:.2f} cores  -> {'sustainable' if ok else why}")
+            f"generator {summary['generator_cpu_cores'] or 0.0:.2f} cores"
+            + (f" (sends late: p99 {summary['send_lag_p99_ms']:.1f} ms)" if lagging else "")
+            + f"  -> {'sustainable' if ok else why}")
 
     if start_rate * step_s < 200:
         # The keep-up and p99 verdicts are counts over the step; with few calls Poisson noise alone can fail
@@ -177,6 +185,7 @@ def summarize_sweep(steps: Sequence[Mapping[str, Any]], *, p99_objective_ms: flo
         "bracketed": bool(above),
         "saturation_rate": max((float(s["achieved_rate"]) for s in ordered), default=0.0),
         "generator_cpu_cores_max": max((float(s["generator_cpu_cores"] or 0.0) for s in ordered), default=0.0),
+        "generator_lagging_steps": sum(bool(s.get("generator_lagging")) for s in ordered),
         "steps": [dict(s) for s in ordered],
     }
 
