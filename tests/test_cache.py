@@ -13,8 +13,8 @@ import onnxruntime as ort
 from scoring.v1 import scoring_pb2, scoring_pb2_grpc
 from server.features import FeatureEncoder, pad_batch
 from server.manifest import read_manifest
+from tests.helpers import build_small_model
 from tests.server_harness import ServerProcess, run_server, scrape
-from tests.small_models import build_small_model
 
 
 def direct(version_dir: Path, query: str) -> dict[int, float]:
@@ -41,9 +41,9 @@ def test_cached_answers_are_the_computed_ones_and_versions_never_mix(tmp_path: P
     with run_server(tmp_path, "--cache-bytes", "1000000", "--poll-interval-s", "0.2") as srv:
         first = score(srv, "北京旅游攻略")
         second = score(srv, "北京旅游攻略")
-        subset = score(srv, "北京旅游攻略", srcids=(1002,))
+        subset = score(srv, "北京旅游攻略", srcids=(3,))
         assert dict(first.scores) == dict(second.scores)
-        assert dict(subset.scores) == {1002: first.scores[1002]}
+        assert dict(subset.scores) == {3: first.scores[3]}
         want = direct(tmp_path / "tiny" / "1", "北京旅游攻略")
         assert max(abs(first.scores[k] - want[k]) for k in want) <= 1e-5
         assert counter(srv, "scoring_cache_hits_total") == 2

@@ -14,8 +14,8 @@ from tokenizers import Tokenizer
 
 from scoring.v1 import scoring_pb2, scoring_pb2_grpc
 from server.validation import RequestLimits
+from tests.helpers import build_small_model
 from tests.server_harness import ServerProcess, run_server, scrape
-from tests.small_models import build_small_model
 
 SRCIDS = [1000, 1001, 1002, 1003]
 LIMITS = RequestLimits()

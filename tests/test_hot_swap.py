@@ -20,8 +20,8 @@ from scoring.v1 import admin_pb2, admin_pb2_grpc, scoring_pb2, scoring_pb2_grpc
 from server.features import FeatureEncoder, pad_batch
 from server.manifest import read_manifest
 from server.repository import check_version
+from tests.helpers import build_small_model
 from tests.server_harness import ServerProcess, run_server, scrape
-from tests.small_models import build_small_model
 
 QUERIES = [f"查询{i} 北京旅游" + "攻略" * (i % 7) for i in range(12)]
 SWAPS = 10

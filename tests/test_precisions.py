@@ -8,8 +8,8 @@ import grpc
 import pytest
 
 from scoring.v1 import scoring_pb2, scoring_pb2_grpc
+from tests.helpers import build_small_model
 from tests.server_harness import run_server
-from tests.small_models import build_small_model
 
 
 @pytest.mark.parametrize("precision", ["int8", "fp16"])

@@ -14,8 +14,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from scoring.v1 import scoring_pb2, scoring_pb2_grpc
+from tests.helpers import build_small_model
 from tests.server_harness import run_server
-from tests.small_models import build_small_model
 
 
 def _key() -> ec.EllipticCurvePrivateKey:

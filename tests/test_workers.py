@@ -8,8 +8,8 @@ from pathlib import Path
 import grpc
 
 from scoring.v1 import admin_pb2, admin_pb2_grpc, scoring_pb2, scoring_pb2_grpc
+from tests.helpers import build_small_model
 from tests.server_harness import ServerProcess, run_server, scrape
-from tests.small_models import build_small_model
 
 
 def _serving_versions(srv: ServerProcess, workers: int) -> list[int]:
