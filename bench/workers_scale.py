@@ -346,7 +346,7 @@ def plot(results: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def interpretation(runs: Sequence[dict[str, Any]], cores: int) -> list[str]:
+def interpretation(runs: Sequence[dict[str, Any]], cores: int, best_batch: int) -> list[str]:
     """Sentences that follow the measured numbers (whichever way they went)."""
     base = runs[0]
     # Max sustained is the headline; when a configuration sustained nothing, compare what it completed.
@@ -370,13 +370,17 @@ def interpretation(runs: Sequence[dict[str, Any]], cores: int) -> list[str]:
         "worker). Workers only change how the same cores are shared: each worker has its own event loop (gRPC, "
         "decoding and tokenizing run in parallel rather than on one Python thread, which helps only if the event "
         "loop is the bottleneck), each batches only its share of the traffic (smaller batches at the same load, "
-        "and on this CPU fp32 throughput peaks at batch 8–16), and with one thread per worker two batches run side "
-        "by side instead of one batch split over two threads (no synchronisation inside a batch, but each batch "
-        "takes about twice as long, which shows in latency). More threads than cores in total (workers × threads > "
+        f"while the raw engine does best at batch {best_batch}), and with one thread per worker two batches run "
+        "side by side instead of one batch split over two threads (no synchronisation inside a batch, but each "
+        "batch takes longer). At the fixed load: " + "; ".join(
+            f"{r['workers']} × {r['threads_per_worker']}: batches of {fmt(fx['mean_batch_size'])} items, "
+            f"{fmt(fx['mean_engine_ms_per_batch'])} ms each"
+            for r in runs if (fx := r["fixed_load_step"]["server"]) is not None)
+        + ". More threads than cores in total (workers × threads > "
         f"{cores}) makes them take turns on the cores and a parallel section waits for its slowest thread.")
     out.append("- `--workers N` is for machines with more cores than one engine uses well, or a Python-bound event "
-               "loop; on a 2-core machine the default (1 worker, one thread per core) is the configuration to run "
-               + ("unless a multi-worker row above is clearly ahead." if gain > 1.05 else "."))
+               f"loop; on this {cores}-core machine the default (1 worker, one thread per core) is the one to run"
+               + (", unless a multi-worker row above is clearly ahead" if gain > 1.05 else "") + ".")
     return out
 
 
@@ -422,14 +426,15 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(
             f"| {run['workers']} × {run['threads_per_worker']}{'' if run['threads_flag'] else ' (default)'} | "
             f"{run['total_threads']} | {run['max_sustained_rate']:.1f} | {run['max_sustained_ratio']:.2f} | "
-            f"{run['max_sustained_rate'] / (base['max_sustained_rate'] or 1):.2f} | {run['saturation_rate']:.1f} | "
+            f"{fmt(run['max_sustained_rate'] / b if (b := base['max_sustained_rate']) else None, 2)} | "
+            f"{run['saturation_rate']:.1f} | "
             f"{fmt(fx['latency']['p50_ms'])} / {fmt(fx['latency']['p99_ms'])}"
             f"{'' if fx['sustainable'] else ' (not sustainable: ' + fx['verdict'] + ')'} | "
             f"{fmt(fx['server']['mean_batch_size'])} | {(fx['server']['engine_busy_fraction'] or 0):.0%} | "
             f"{fx['cpu']['server_cores']:.2f} | {fx['cpu']['bench_cores']:.2f} | {fx['cpu']['foreign_cores']:.2f} | "
             + " / ".join(f"{x / tot:.0%}" for x in share) + " |")
     lines += ["", f"![workers](docs/bench/{NAME}.png)", "", "**What the numbers say.**", ""]
-    lines += interpretation(runs, cores)
+    lines += interpretation(runs, cores, eng["batch_size"])
     return "\n".join(lines) + "\n"
 
 
