@@ -156,6 +156,8 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("an open-loop run needs --rate (or --concurrency for a closed loop)")
     if args.synthetic is not None and args.synthetic < 1:
         p.error("--synthetic must be at least 1")
+    if args.max_requests is not None and (args.max_requests < 1 or args.workload is None):
+        p.error("--max-requests needs --workload and must be at least 1")
     if args.refine < 0:
         p.error("--refine must be >= 0")
     if args.warmup < 0:
@@ -233,7 +235,11 @@ async def run(args: argparse.Namespace, say: Progress) -> dict[str, Any]:
     # matplotlib takes a second to import: only once the workload and the target are known to be good.
     from loadtest.plots import HISTOGRAM_PNG, SWEEP_PNG, plot_latency_histogram, plot_sweep
 
-    args.out.mkdir(parents=True, exist_ok=True)  # only now: a run that cannot start leaves no empty folder
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)  # only now: a run that cannot start leaves no empty folder
+    except OSError as exc:
+        await channel.close()
+        raise UsageError(f"cannot create the output folder {args.out}: {exc.strerror}") from None
     async with channel:
         if args.sweep:
             doc["mode"] = "sweep"
