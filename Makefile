@@ -67,8 +67,14 @@ test: $(DEV_STAMP) $(STUBS) $(if $(filter 1,$(PARITY)),$(PARITY_STAMP)) promethe
 	$(BIN)/mypy $(TYPED_DIRS)
 	SCORING_REQUIRE_PROMETHEUS=1 $(BIN)/pytest -q
 
-bench: $(DEV_STAMP) $(STUBS) demo
+BENCH_STAMP := $(VENV)/.bench-installed
+$(BENCH_STAMP): requirements-bench.txt $(RUNTIME_STAMP)
+	$(BIN)/pip install --disable-pip-version-check -q -r requirements-bench.txt
+	touch $@
+
+bench: $(DEV_STAMP) $(BENCH_STAMP) $(STUBS) demo
 	$(BIN)/python -m bench --model-repo $(MODEL_REPO) --out bench_out
+	$(BIN)/python -m bench.compare --model-repo $(MODEL_REPO) --out bench_out
 
 clean:
 	rm -rf scoring $(VENV) .mypy_cache .ruff_cache .pytest_cache bench_out

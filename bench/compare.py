@@ -1,0 +1,518 @@
+"""python -m bench.compare --model-repo model_repo --out bench_out [--quick] [--p99-objective-ms 100]
+
+This service against its peers on the same model (the demo version's fp32 graph), tokenizer, ORT options
+(2 intra-op threads) and machine, with the same query/title pairs, in one run:
+
+- the raw engine alone: ONNX Runtime on length-grouped batches at its best batch size (the ceiling);
+- a naive gRPC server (`bench.peers.naive_server`): one `InferenceSession.run` per request;
+- Ray Serve (`bench.peers.ray_peer`): its gRPC proxy and a `@serve.batch` deployment;
+- this service (`python -m server`, fp32, 2 threads, result cache off).
+
+Every server gets the same open-loop Poisson load from `loadtest.openloop` with the same serialized
+requests; `loadtest.sweep.find_max_rate` finds the highest rate each sustains with p99 ≤ the objective.
+Then all run at one fixed rate that all sustained, for p50/p99 and their CPU and memory. Writes
+<out>/compare/results.json, summary.md and compare.png, and its section of BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import gc
+import json
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from bench.__main__ import common_server_flags
+from bench.data import DEFAULT_DATA, REPO_ROOT, load_pairs
+from bench.docs import merge_section
+from bench.engine import load_engine, throughput_sweep
+from bench.peers.procs import PeerProcess, TreeCpuMonitor, tree_memory_mib
+from bench.server import ServerProcess, ServerSpec, free_port
+from bench.sysmon import machine_info
+from loadtest.openloop import LoadConfig, run_open_loop, serialize_requests
+from loadtest.sweep import find_max_rate, judge
+from scoring.v1 import scoring_pb2
+from server.features import EncodedRequest, FeatureEncoder, FeatureError
+from server.repository import latest_complete, scan_model
+
+PNG = "compare.png"
+SECTION = "compare"
+RAY_APP = "scoring"  # bench.peers.ray_peer.APP_NAME (not imported: that module imports ray)
+TARGET_RAW = 0.90  # this service's max throughput ≥ 90% of the raw engine's
+TARGET_RAY = 2.0  # … and ≥ 2× Ray Serve's
+LABELS = {"raw": "raw engine (ORT alone)", "naive": "naive gRPC server", "ray": "Ray Serve",
+          "service": "this service"}
+T0 = time.perf_counter()
+
+
+def log(msg: str) -> None:
+    print(f"[compare {time.perf_counter() - T0:6.1f}s] {msg}", flush=True)
+
+
+def ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model-repo", type=Path, default=Path("model_repo"))
+    ap.add_argument("--model", default="demo")
+    ap.add_argument("--out", type=Path, default=Path("bench_out"), help="results go to <out>/compare/")
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="JSONL query/title pairs (synthetic when absent)")
+    ap.add_argument("--threads", type=int, default=2, help="ORT intra-op threads, in every system")
+    # 100 ms: a scoring call sits inside a search request's budget, so tens of ms is the aim and 100 ms the
+    # ceiling; on this 2-core CPU one batch at the raw engine's best size already takes ~70 ms, so a tighter
+    # objective would leave no room for batching at all and a looser one would hide queueing.
+    ap.add_argument("--p99-objective-ms", type=float, default=100.0)
+    ap.add_argument("--systems", default="naive,service,ray",
+                    help="servers to measure, in this order (Ray last: its idle daemons never overlap a sweep)")
+    ap.add_argument("--batch-sizes", type=ints, default=[1, 8, 16, 32], help="raw engine batch sizes")
+    ap.add_argument("--engine-rounds", type=int, default=2)
+    ap.add_argument("--engine-min-s", type=float, default=1.5)
+    ap.add_argument("--step-s", type=float, default=8.0, help="seconds per sweep step")
+    ap.add_argument("--refine", type=int, default=3, help="bisection steps after the grid")
+    ap.add_argument("--start-fraction", type=float, default=0.25,
+                    help="first sweep rate, as a fraction of the raw engine's best throughput")
+    ap.add_argument("--timeout-s", type=float, default=2.0, help="gRPC deadline of every call")
+    ap.add_argument("--fixed-rate", type=float, default=0.0,
+                    help="the common load for p50/p99, CPU and memory (0 = --fixed-fraction of the lowest max)")
+    ap.add_argument("--fixed-fraction", type=float, default=0.6)
+    ap.add_argument("--fixed-s", type=float, default=10.0, help="seconds at the fixed load")
+    ap.add_argument("--naive-workers", type=int, default=10, help="naive server: gRPC handler threads")
+    ap.add_argument("--ray-max-batch-size", type=int, default=16)
+    ap.add_argument("--ray-batch-wait-ms", type=float, default=5.0)
+    ap.add_argument("--ray-max-ongoing-requests", type=int, default=64)
+    ap.add_argument("--ray-num-cpus", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="smoke run (about 2-3 minutes); numbers are rough")
+    ap.add_argument("--benchmarks-md", type=Path, default=REPO_ROOT / "BENCHMARKS.md")
+    ap.add_argument("--docs-dir", type=Path, default=REPO_ROOT / "docs" / "bench")
+    ap.add_argument("--no-docs", action="store_true", help="leave BENCHMARKS.md and docs/bench/ alone")
+    ap.add_argument("--from-results", type=Path, default=None, metavar="RESULTS_JSON",
+                    help="measure nothing: rewrite summary, plot and BENCHMARKS.md from a saved results.json")
+    args = ap.parse_args(argv)
+    args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    unknown = set(args.systems) - {"naive", "service", "ray"}
+    if unknown:
+        ap.error(f"unknown --systems: {sorted(unknown)}")
+    if args.quick:
+        args.batch_sizes, args.engine_rounds, args.engine_min_s = [1, 8, 16], 1, 0.8
+        args.step_s, args.refine, args.fixed_s = 4.0, 1, 4.0
+    return args
+
+
+@dataclass
+class System:
+    """One server under test, started as a subprocess; `handle` is a ServerProcess or a PeerProcess."""
+
+    name: str
+    handle: ServerProcess | PeerProcess
+    config: dict[str, Any]
+    metadata: tuple[tuple[str, str], ...] = ()
+    out: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def pid(self) -> int:
+        return self.handle.pid
+
+    @property
+    def target(self) -> str:
+        return self.handle.target
+
+    def start(self) -> None:
+        self.handle.start()
+        self.out["start_s"] = round(self.handle.start_seconds, 1)
+        self.out["command"] = self.handle.command
+        self.out["memory_idle"] = tree_memory_mib(self.pid)
+
+    def stop(self) -> None:
+        if isinstance(self.handle, PeerProcess):
+            self.out["stop"] = self.handle.stop()
+        else:
+            self.out["stop"] = {"returncode": self.handle.stop()}
+
+
+def make_systems(args: argparse.Namespace, out_dir: Path, version_dir: Path, version: int,
+                 probe: bytes) -> list[System]:
+    systems = []
+    for name in args.systems:
+        log_path = out_dir / f"{name}.log"
+        if name == "service":
+            flags = common_server_flags(argparse.Namespace(threads=args.threads, model=args.model,
+                                                           server_cwd=REPO_ROOT), version)
+            handle: ServerProcess | PeerProcess = ServerProcess(ServerSpec(args.model_repo, REPO_ROOT, flags,
+                                                                           log_path))
+            systems.append(System(name, handle, {"flags": flags}))
+        elif name == "naive":
+            port = free_port()
+            cmd = ["-m", "bench.peers.naive_server", "--version-dir", str(version_dir), "--port", str(port),
+                   "--threads", str(args.threads), "--workers", str(args.naive_workers)]
+            systems.append(System(name, PeerProcess(name, cmd, port, probe, cwd=REPO_ROOT, log_path=log_path),
+                                  {"workers": args.naive_workers, "batching": "none"}))
+        else:
+            port = free_port()
+            cfg = {"max_batch_size": args.ray_max_batch_size, "batch_wait_timeout_ms": args.ray_batch_wait_ms,
+                   "max_ongoing_requests": args.ray_max_ongoing_requests, "num_cpus": args.ray_num_cpus,
+                   "replicas": 1, "ray": _ray_version()}
+            cmd = ["-m", "bench.peers.ray_peer", "--version-dir", str(version_dir), "--grpc-port", str(port),
+                   "--http-port", str(free_port()), "--threads", str(args.threads),
+                   "--num-cpus", str(args.ray_num_cpus), "--max-batch-size", str(args.ray_max_batch_size),
+                   "--batch-wait-ms", str(args.ray_batch_wait_ms),
+                   "--max-ongoing-requests", str(args.ray_max_ongoing_requests)]
+            md = (("application", RAY_APP),)
+            systems.append(System(name, PeerProcess(name, cmd, port, probe, cwd=REPO_ROOT, log_path=log_path,
+                                                    metadata=md), cfg, md))
+    return systems
+
+
+def _ray_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ray")
+    except PackageNotFoundError:
+        return "not installed"
+
+
+async def _peak_memory(root: int, stop: asyncio.Event, peak: dict[str, float]) -> None:
+    """Samples the tree's memory every second until `stop`; keeps the highest RSS seen (and its PSS)."""
+    while not stop.is_set():
+        mem = await asyncio.to_thread(tree_memory_mib, root)
+        if mem["rss_mib"] > peak.get("rss_mib", 0.0):
+            peak.update(mem)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 1.0)
+
+
+async def sweep_system(sys_: System, requests: list[bytes], args: argparse.Namespace, raw_rate: float) -> None:
+    stop = asyncio.Event()
+    peak: dict[str, float] = {}
+    sampler = asyncio.create_task(_peak_memory(sys_.pid, stop, peak))
+    try:
+        async with grpc.aio.insecure_channel(sys_.target) as channel:
+            found = await find_max_rate(
+                channel, requests, p99_objective_ms=args.p99_objective_ms,
+                start_rate=round(args.start_fraction * raw_rate, 1), step_s=args.step_s,
+                timeout_s=args.timeout_s, refine=args.refine, metadata=sys_.metadata, max_rate=2.0 * raw_rate,
+                progress=log)
+    finally:
+        stop.set()
+        await sampler
+    sys_.out["sweep"] = found
+    sys_.out["memory_peak_sweep"] = peak
+
+
+async def fixed_load(sys_: System, requests: list[bytes], args: argparse.Namespace, rate: float) -> None:
+    async with grpc.aio.insecure_channel(sys_.target) as channel:
+        # One unmeasured second: the channel is new and the server was idle.
+        await run_open_loop(channel, requests, LoadConfig(rate=rate, duration_s=1.0, timeout_s=args.timeout_s,
+                                                          metadata=sys_.metadata, seed=99))
+        monitor = TreeCpuMonitor(sys_.pid)
+        monitor.start()
+        result = await run_open_loop(channel, requests, LoadConfig(rate=rate, duration_s=args.fixed_s,
+                                                                   timeout_s=args.timeout_s,
+                                                                   metadata=sys_.metadata, seed=100))
+        cpu = monitor.stop()
+    summary = result.summary()
+    ok, why = judge(summary, args.p99_objective_ms)
+    mem = tree_memory_mib(sys_.pid)
+    lat = summary["latency"]
+    sys_.out["fixed"] = {**summary, "sustainable": ok, "verdict": why, "cpu": cpu, "memory": mem}
+    log(f"  {sys_.name} at {rate:.1f}/s: achieved {summary['achieved_rate']:.1f}/s, p50 {lat['p50_ms']} ms, "
+        f"p99 {lat['p99_ms']} ms, server {cpu['server_cores']:.2f} cores, RSS {mem['rss_mib']:.0f} MiB "
+        f"({mem['processes']} processes), foreign {cpu['foreign_cores']:.2f} cores -> {why}")
+
+
+def choose_fixed_rate(args: argparse.Namespace, systems: list[System]) -> float:
+    if args.fixed_rate > 0:
+        return float(args.fixed_rate)
+    maxima = [float(s.out["sweep"]["max_achieved_rate"]) for s in systems]
+    if not any(maxima):  # nobody met the objective: half the lowest rate anyone completed
+        return max(1.0, 0.5 * min(float(s.out["sweep"]["saturation_rate"]) for s in systems))
+    return round(float(args.fixed_fraction) * min(m for m in maxima if m > 0), 1)
+
+
+async def servers_phase(args: argparse.Namespace, results: dict[str, Any], systems: list[System],
+                        requests: list[bytes], raw_rate: float) -> None:
+    started: list[System] = []
+    try:
+        for s in systems:
+            log(f"{LABELS[s.name]}: starting")
+            await asyncio.to_thread(s.start)
+            started.append(s)
+            log(f"  up in {s.out['start_s']:.1f} s (pid {s.pid}, {s.out['memory_idle']['processes']} processes, "
+                f"RSS {s.out['memory_idle']['rss_mib']:.0f} MiB); sweep with p99 ≤ {args.p99_objective_ms:g} ms")
+            await sweep_system(s, requests, args, raw_rate)
+            sw = s.out["sweep"]
+            log(f"  {LABELS[s.name]}: max {sw['max_achieved_rate']:.1f}/s with p99 ≤ {args.p99_objective_ms:g} ms "
+                f"(offered {sw['max_rate']:.1f}/s); most completed at any step {sw['saturation_rate']:.1f}/s")
+        rate = choose_fixed_rate(args, systems)
+        results["fixed_rate"] = rate
+        log(f"fixed load for every system: {rate:.1f}/s for {args.fixed_s:g} s")
+        # Newest first: Ray (started last) is measured and stopped before the others' fixed runs.
+        for s in reversed(systems):
+            await fixed_load(s, requests, args, rate)
+            await asyncio.to_thread(s.stop)
+            started.remove(s)
+            log(f"  {s.name} stopped: {s.out['stop']}")
+    finally:
+        for s in started:
+            await asyncio.to_thread(s.stop)
+
+
+def table_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    raw = results["raw"]["samples_per_s"]
+    servers = results["systems"]
+    ray_max = servers.get("ray", {}).get("sweep", {}).get("max_achieved_rate") or None
+    rows = [{"system": "raw", "max_rate": raw, "vs_raw": 1.0, "vs_ray": raw / ray_max if ray_max else None,
+             "note": f"batch {results['raw']['batch_size']}, length-grouped"}]
+    for name, s in servers.items():
+        m = s["sweep"]["max_achieved_rate"]
+        fx = s.get("fixed", {})
+        rows.append({"system": name, "max_rate": m, "vs_raw": m / raw if raw else None,
+                     "vs_ray": m / ray_max if ray_max else None, "bracketed": s["sweep"]["bracketed"],
+                     "p50": fx.get("latency", {}).get("p50_ms"), "p99": fx.get("latency", {}).get("p99_ms"),
+                     "fixed_ok": fx.get("sustainable"), "cpu": fx.get("cpu", {}).get("server_cores"),
+                     "rss": fx.get("memory", {}).get("rss_mib"), "pss": fx.get("memory", {}).get("pss_mib"),
+                     "procs": fx.get("memory", {}).get("processes"),
+                     "saturation": s["sweep"]["saturation_rate"]})
+    return rows
+
+
+def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = {r["system"]: r for r in table_rows(results)}
+    svc = rows.get("service")
+    out = []
+    if svc is not None:
+        out.append({"target": f"this service ≥ {TARGET_RAW:.0%} of the raw engine", "value": svc["vs_raw"],
+                    "met": svc["vs_raw"] is not None and svc["vs_raw"] >= TARGET_RAW})
+        if "ray" in rows:
+            v = svc["vs_ray"]
+            out.append({"target": f"this service ≥ {TARGET_RAY:g}× Ray Serve", "value": v,
+                        "met": v is not None and v >= TARGET_RAY})
+    return out
+
+
+def _f(x: float | None, digits: int = 1) -> str:
+    return "–" if x is None else f"{x:,.{digits}f}"
+
+
+def _x(x: float | None) -> str:
+    return "–" if x is None else f"{x:.2f}×"
+
+
+def markdown(results: dict[str, Any], plot: str | None) -> str:
+    m, a, raw = results["machine"], results["args"], results["raw"]
+    obj = a["p99_objective_ms"]
+    rate = results.get("fixed_rate")
+    batch_ms = 1000.0 * raw["batch_size"] / raw["samples_per_s"] if raw["samples_per_s"] else 0.0
+    out = [
+        "## Peers: this service vs a naive gRPC server and Ray Serve (`python -m bench.compare`)",
+        "",
+        f"One run of `python -m bench.compare` ({'`--quick`, rough numbers; ' if a['quick'] else ''}"
+        f"{results['elapsed_s'] / 60:.1f} min, {m['date']}, code {m['git']}, {m['cpu_model']}, "
+        f"{m['usable_cpus']} CPUs, load average at start {' '.join(m['loadavg_at_start'])}). Every system runs the "
+        f"demo model's fp32 graph ({results['model']['heads']} heads) with the same tokenizer and vocabularies "
+        "(`server.features.FeatureEncoder`) and the same ONNX Runtime options (full graph optimization, "
+        f"{a['threads']} intra-op threads), on {results['data']['pairs']} {results['data']['kind']} query/title "
+        "pairs, and every server gets the same open-loop Poisson load (`loadtest.openloop`, the same serialized "
+        "requests, one gRPC channel, latency from the scheduled send time) from a generator on the same "
+        "2 cores.",
+        "",
+        f"**Objective: p99 ≤ {obj:g} ms.** A scoring call is one step inside a search request, so its budget is "
+        f"tens of milliseconds with 100 ms as the ceiling. On this CPU one batch at the raw engine's best size "
+        f"({raw['batch_size']}) takes about {batch_ms:.0f} ms, so {obj:g} ms leaves room for batching but not "
+        "for a queue several batches deep: a looser objective would reward queueing, a tighter one would rule "
+        "batching out.",
+        "",
+        f"| system | max throughput, p99 ≤ {obj:g} ms | × raw engine | × Ray Serve | p50 at {_f(rate)}/s | "
+        f"p99 at {_f(rate)}/s | CPU at {_f(rate)}/s (cores) | RSS (MiB) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in table_rows(results):
+        if r["system"] == "raw":
+            out.append(f"| {LABELS['raw']} (batch {raw['batch_size']}, median of {results['raw']['rounds']} "
+                       f"runs) | {_f(r['max_rate'])}/s | 1.00× | {_x(r['vs_ray'])} | – | – | – | – |")
+            continue
+        mark = "" if r["bracketed"] else " (≥: no failing rate above it was measured)"
+        fixed_note = "" if r["fixed_ok"] in (None, True) else " ✗"
+        rss = "–" if r["rss"] is None else f"{r['rss']:,.0f}" + (f" ({r['procs']} processes, PSS {r['pss']:,.0f})"
+                                                                if (r["procs"] or 1) > 1 else "")
+        out.append(f"| {LABELS[r['system']]} | {_f(r['max_rate'])}/s{mark} | {_x(r['vs_raw'])} | {_x(r['vs_ray'])} "
+                   f"| {_f(r['p50'])} ms{fixed_note} | {_f(r['p99'])} ms{fixed_note} | {_f(r['cpu'], 2)} | {rss} |")
+    out += ["", "Targets:", ""]
+    for t in targets(results):
+        shown = _x(t["value"]) if "Ray" in t["target"] else ("–" if t["value"] is None else f"{t['value']:.0%}")
+        out.append(f"- {t['target']}: {shown}: **{'met' if t['met'] else 'NOT met'}**")
+    fixed_fail = [LABELS[n] for n, s in results["systems"].items() if not s.get("fixed", {}).get("sustainable", True)]
+    if fixed_fail:
+        out.append(f"- ✗ at the fixed load: {', '.join(fixed_fail)} did not sustain it (see the steps below).")
+    sv = results["systems"]
+    out += ["", "### How each system ran", ""]
+    if "naive" in sv:
+        c = sv["naive"]["config"]
+        out.append(f"- **Naive gRPC server** (`bench/peers/naive_server.py`): `grpc.server(ThreadPoolExecutor("
+                   f"{c['workers']}))`, each call tokenizes and runs the session alone (batch 1); concurrent "
+                   "calls share the session from several threads. What a team writes in an afternoon.")
+    if "ray" in sv:
+        c = sv["ray"]["config"]
+        out.append(f"- **Ray Serve {c['ray']}** (`bench/peers/ray_peer.py`): Serve's gRPC proxy (routed by the "
+                   f"`application` metadata key) → one replica whose `@serve.batch` method (max_batch_size "
+                   f"{c['max_batch_size']}, batch_wait_timeout_s {c['batch_wait_timeout_ms'] / 1000:g}) pads the "
+                   f"batch and runs the session; `max_ongoing_requests` {c['max_ongoing_requests']} (Ray's default "
+                   f"of 5 would cap every batch at 5); `ray.init(num_cpus={c['num_cpus']})` and the replica reserves "
+                   "the CPUs its ORT threads use, so Ray starts no extra workers on 2 cores. Memory is the sum "
+                   "over all of Ray's processes (GCS, raylet, dashboard agent, controller, proxy, replica).")
+    if "service" in sv:
+        out.append(f"- **This service**: `python -m server {' '.join(sv['service']['config']['flags'])}`.")
+    fixed_how = "the given rate" if a["fixed_rate"] else f"{a['fixed_fraction']:.0%} of the lowest max"
+    out += ["", "### Method", "",
+            f"1. **Raw engine**: `bench.engine.throughput_sweep` at batch sizes {a['batch_sizes']}, "
+            f"length-grouped batches (the least padding possible), {a['engine_rounds']} interleaved rounds of "
+            f"≥ {a['engine_min_s']:g} s; the best median is the ceiling.",
+            f"2. **Max throughput**: `loadtest.sweep.find_max_rate`: steps of {a['step_s']:g} s starting at "
+            f"{a['start_fraction']:.0%} of the raw engine, doubling until a step fails, then {a['refine']} "
+            f"bisection steps. A step counts when every call succeeded (deadline {a['timeout_s']:g} s), the "
+            f"achieved rate was ≥ 95% of the offered and p99 ≤ {obj:g} ms; the table shows the achieved rate of "
+            "the best such step.",
+            f"3. **Fixed load**: {fixed_how} ({_f(rate)}/s) for {a['fixed_s']:g} s on every system. CPU: CPU "
+            "seconds of the server's whole process tree per wall second (`/proc`, as `bench.sysmon` does); RSS: "
+            "summed over the tree at the end of that run (PSS shares shared pages out, so it is the fairer figure "
+            "for Ray's many processes).",
+            "4. Servers are measured one at a time in the order naive, this service, Ray (Ray's daemons stay idle "
+            "on the machine only after the others' sweeps); then the fixed-load runs, Ray first and stopped "
+            "before the others. After each stop, any process left over from the server's tree is ended.",
+            ""]
+    if plot:
+        out += [f"![Peers: max throughput and p99 by offered load](docs/bench/{plot})", ""]
+    out += ["### Sweep steps", "", "| system | offered/s | achieved/s | p50 ms | p99 ms | failed | verdict |",
+            "| --- | ---: | ---: | ---: | ---: | --- | --- |"]
+    for name, s in sv.items():
+        for st in s["sweep"]["steps"]:
+            lat = st["latency"]
+            fails = ", ".join(f"{k} {v}" for k, v in st["failures"].items()) or "0"
+            out.append(f"| {LABELS[name]} | {st['offered_rate']:.1f} | {st['achieved_rate']:.1f} | "
+                       f"{_f(lat['p50_ms'])} | {_f(lat['p99_ms'])} | {fails} | {st['verdict']} |")
+    out += ["", "Reproduce: `make bench` (or `python -m bench.compare --model-repo model_repo --out bench_out`; "
+            "`--quick` for a smoke run). Every number: `bench_out/compare/results.json`."]
+    return "\n".join(out) + "\n"
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = table_rows(results)
+    obj = results["args"]["p99_objective_ms"]
+    colors = {"raw": "tab:gray", "naive": "tab:orange", "ray": "tab:purple", "service": "tab:blue"}
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10.5, 4.0), dpi=80)
+    names = [LABELS[r["system"]].replace(" (ORT alone)", "") for r in rows]
+    vals = [r["max_rate"] for r in rows]
+    bars = ax1.bar(names, vals, color=[colors[r["system"]] for r in rows])
+    for b, v in zip(bars, vals, strict=True):
+        ax1.annotate(f"{v:.0f}/s", (b.get_x() + b.get_width() / 2, v), textcoords="offset points", xytext=(0, 3),
+                     ha="center", fontsize=8)
+    ax1.set_ylabel("requests/s")
+    ax1.set_title(f"Max throughput with p99 ≤ {obj:g} ms", fontsize=10)
+    ax1.tick_params(axis="x", labelsize=8)
+    for name, s in results["systems"].items():
+        steps = sorted(s["sweep"]["steps"], key=lambda st: st["offered_rate"])
+        xs = [st["offered_rate"] for st in steps if st["latency"]["p99_ms"] is not None]
+        ys = [st["latency"]["p99_ms"] for st in steps if st["latency"]["p99_ms"] is not None]
+        ax2.plot(xs, ys, "o-", color=colors[name], label=LABELS[name])
+    ax2.axhline(obj, color="red", ls="--", lw=1, label=f"objective {obj:g} ms")
+    ax2.axvline(results["raw"]["samples_per_s"], color="tab:gray", ls=":", lw=1, label="raw engine")
+    ax2.set_yscale("log")
+    ax2.set_xlabel("offered requests/s")
+    ax2.set_ylabel("p99 latency (ms)")
+    ax2.set_title("p99 by offered load (open-loop Poisson)", fontsize=10)
+    ax2.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_outputs(args: argparse.Namespace, results: dict[str, Any], out_dir: Path) -> None:
+    plot(results, out_dir / PNG)
+    md = markdown(results, PNG)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
+    (out_dir / "summary.md").write_text(md)
+    print()
+    print(md)
+    if not args.no_docs:
+        args.docs_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(out_dir / PNG, args.docs_dir / PNG)
+        existing = args.benchmarks_md.read_text() if args.benchmarks_md.exists() else ""
+        args.benchmarks_md.write_text(merge_section(existing, SECTION, md))
+
+
+def encode_pairs(args: argparse.Namespace, encoder: FeatureEncoder
+                 ) -> tuple[list[EncodedRequest], list[bytes], str, bool]:
+    pairs = load_pairs(args.data)
+    items, messages = [], []
+    for p in pairs.pairs:
+        try:
+            items.append(encoder.encode(p.query, p.title or None))
+        except FeatureError:
+            continue  # the servers would refuse it too: not part of the load
+        messages.append(scoring_pb2.ScoreRequest(query=p.query, title=p.title or None))
+    return items, serialize_requests(messages), pairs.source, pairs.real
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    out_dir = args.out / "compare"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if args.from_results is not None:
+        write_outputs(args, json.loads(args.from_results.read_text()), out_dir)
+        return 0
+    results: dict[str, Any] = {"machine": machine_info(REPO_ROOT)}
+    found = latest_complete(scan_model(args.model_repo, args.model, verify_checksums=False))
+    if found is None or found.manifest is None or "fp32" not in found.manifest.precisions:
+        print(f"no complete fp32 version of {args.model} in {args.model_repo}; run `make demo` first",
+              file=sys.stderr)
+        return 2
+    version_dir, manifest = found.path.resolve(), found.manifest
+    results["model"] = {"name": manifest.model, "version": manifest.version, "heads": len(manifest.heads),
+                        "precision": "fp32", "path": str(version_dir)}
+    items, requests, source, real = encode_pairs(args, FeatureEncoder(version_dir, manifest))
+    results["data"] = {"source": source if real else "synthetic (the real pairs file is absent)",
+                       "kind": "real" if real else "synthetic", "pairs": len(items)}
+    log(f"data: {results['data']['source']}, {len(items)} pairs; model {manifest.model} v{manifest.version} fp32")
+
+    engine = load_engine(version_dir, manifest, "fp32", args.threads)
+    log(f"raw engine: batch sizes {args.batch_sizes}, {args.engine_rounds} round(s) of ≥ {args.engine_min_s:g} s")
+    sweep = throughput_sweep({"fp32": engine}, items, args.batch_sizes, arrival_order_precisions=(),
+                             rounds=args.engine_rounds, min_seconds=args.engine_min_s, progress=log)
+    best = sweep["best"]["fp32"]
+    results["raw"] = {"samples_per_s": best["samples_per_s"], "batch_size": best["batch_size"],
+                      "rounds": args.engine_rounds, "by_batch_size": sweep["grouped"]["fp32"]}
+    log(f"  raw engine best: {best['samples_per_s']:.1f} samples/s at batch {best['batch_size']}")
+    del engine, sweep
+    gc.collect()  # the session's memory and threads are not the servers' business
+
+    systems = make_systems(args, out_dir, version_dir, manifest.version, requests[0])
+    asyncio.run(servers_phase(args, results, systems, requests, best["samples_per_s"]))
+    results["systems"] = {s.name: {"config": s.config, **s.out} for s in systems}
+    results["table"] = table_rows(results)
+    results["targets"] = targets(results)
+    results["elapsed_s"] = round(time.perf_counter() - T0, 1)
+    results["args"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    write_outputs(args, results, out_dir)
+    log(f"done in {results['elapsed_s']:.0f} s; results in {out_dir}/")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
