@@ -239,7 +239,7 @@ def markdown(r: dict[str, Any], args: argparse.Namespace) -> str:
             f"| {name} | {ph['offered_rate']:.1f} | {ph['ok_rate']:.1f} | {ph['failures'].get(REFUSED, 0)} | "
             f"{other} | {fmt_ms(ph['ok_latency']['p50_ms'])} | {fmt_ms(ph['ok_latency']['p99_ms'])} | "
             f"{fmt_ms(ph['refused_latency']['p50_ms'])} | {fmt_ms(ph['refused_latency']['p99_ms'])} | "
-            f"{qd['max'] if qd else '–'} | {ph['rss_mib']['median'] if ph['rss_mib'] else '–'} | "
+            f"{_num(qd['max'] if qd else None)} | {_num(ph['rss_mib']['median'] if ph['rss_mib'] else None)} | "
             f"{ph['server_cores']} | {ph['foreign_cores']} |")
     lines += ["", "| target | measured | bound | |", "| --- | --- | --- | --- |"]
     for c in r["checks"]:
@@ -252,6 +252,10 @@ def markdown(r: dict[str, Any], args: argparse.Namespace) -> str:
               "Reproduce: `python -m bench.overload --model-repo model_repo --out bench_out` (results in "
               "`bench_out/overload/results.json`)."]
     return "\n".join(lines) + "\n"
+
+
+def _num(x: float | None) -> str:
+    return "–" if x is None else f"{x:,.0f}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -216,8 +216,8 @@ def markdown(r: dict[str, Any], args: argparse.Namespace) -> str:
         f"| before the first swap | {_mib(rss.get('before_first_swap_mib'))} |",
         f"| baseline after warm-up (from {rss.get('warm_end_s', 0):.0f} s) | {_mib(rss.get('baseline_mib'))} |",
         f"| at the end | {_mib(rss.get('final_mib'))} |",
-        f"| peak (during a swap, two sessions) | {_mib(rss.get('peak_mib'))} |",
-        f"| trend after warm-up | {rss.get('slope_mib_per_hour', '–')} MiB/h |",
+        f"| peak | {_mib(rss.get('peak_mib'))} |",
+        f"| trend after warm-up (line fitted outside swaps) | {_trend(rss.get('slope_mib_per_hour'))} |",
     ]
     if rss.get("per_swap"):
         lines += ["", "RSS left behind by each swap (10 s before the rename vs 10 s after it is over): "
@@ -238,6 +238,10 @@ def markdown(r: dict[str, Any], args: argparse.Namespace) -> str:
         "(results in `bench_out/soak/results.json`).",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _trend(x: float | None) -> str:
+    return "–" if x is None else f"{x:+,.0f} MiB/h"
 
 
 def _mib(x: float | None) -> str:

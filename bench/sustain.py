@@ -680,6 +680,10 @@ def plot_timeline(calls: Calls, samples: Sequence[Sample], path: Path, title: st
     ax_out.legend(fontsize=7, loc="upper left")
     ts = [x.t for x in samples]
     ax_mem.plot(ts, [x.rss_mib for x in samples], color="tab:purple", lw=1.2, label="server RSS (MiB)")
+    if samples:  # at least ±5% around the median, so that a flat line looks flat
+        rss = [x.rss_mib for x in samples]
+        mid = float(np.median(rss))
+        ax_mem.set_ylim(min(min(rss), 0.95 * mid) * 0.98, max(max(rss), 1.05 * mid) * 1.02)
     ax_mem.set_ylabel("RSS (MiB)")
     ax_mem.set_xlabel("seconds from the start of the load")
     depth = [(x.t, x.queue_depth) for x in samples if x.queue_depth is not None]
@@ -697,11 +701,11 @@ def plot_timeline(calls: Calls, samples: Sequence[Sample], path: Path, title: st
                 ax.axvline(sw.serving_t, color="tab:green", lw=0.8)
         ax.grid(alpha=0.3)
     for name, lo, hi in phases:
-        ax_lat.annotate(name, ((lo + hi) / 2, 1.0), xycoords=("data", "axes fraction"), ha="center", va="bottom",
+        ax_out.annotate(name, ((lo + hi) / 2, 0.97), xycoords=("data", "axes fraction"), ha="center", va="top",
                         fontsize=8)
     for sw in swaps:
-        ax_lat.annotate(f"v{sw.version}", (sw.renamed_t, 1.0), xycoords=("data", "axes fraction"), ha="left",
-                        va="bottom", fontsize=7, color="tab:green")
+        ax_out.annotate(f"→v{sw.version}", (sw.renamed_t, 0.97), xycoords=("data", "axes fraction"), ha="left",
+                        va="top", fontsize=7, color="tab:green")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
