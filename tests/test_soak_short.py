@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import pytest
 
 from bench.sustain import rss_mib, serving_versions
 from scoring.v1 import scoring_pb2, scoring_pb2_grpc
@@ -73,6 +74,7 @@ def wait_swapped(server: ServerProcess, version: int, timeout: float = 30.0) -> 
         time.sleep(0.1)
 
 
+@pytest.mark.slow
 def test_steady_load_across_two_swaps_loses_nothing_and_rss_stays_flat(tmp_path: Path) -> None:
     build_small_model(tmp_path, model="tiny", version=1, seed=1)
     # Result cache off: repeated work would otherwise be answered without the engine (and the cache
