@@ -126,6 +126,20 @@ def server_flags(version: int, model: str, threads: int, extra: Sequence[str] = 
             *(["--intra-op-threads", str(threads)] if threads else []), *extra]
 
 
+LIVE: list[ServerProcess] = []  # every server this run started, stopped again at exit whatever happened
+
+
+async def start_server(server: ServerProcess) -> None:
+    LIVE.append(server)  # before the start: a cancelled start may still leave a process behind
+    await asyncio.to_thread(server.start)
+
+
+def stop_all() -> None:
+    """After asyncio.run has returned or raised (its threads joined): no server outlives the tool."""
+    for server in LIVE:
+        server.stop()
+
+
 async def fraction_sweep(measure: Callable[[float], Awaitable[Step]], grid: Sequence[float], refine: int,
                          max_fraction: float) -> list[Step]:
     """serverload.sweep's order (the grid, then bisection by `serverload.next_fraction`) for callers that
@@ -325,8 +339,8 @@ async def uncached_phase(args: argparse.Namespace, data: ModelData, limit: float
     cfg = SweepConfig(limit=limit, fractions=args.uncached_fractions, step_s=args.step_s, timeout_s=args.timeout_s,
                       p99_bound_ms=args.p99_bound_ms, refine=args.refine, max_fraction=args.max_fraction,
                       max_reruns=0 if args.quick else 2)
-    await asyncio.to_thread(server.start)
     try:
+        await start_server(server)
         log(f"cache off: server up in {server.start_seconds:.1f} s; steps of {args.step_s:.0f} s at "
             f"{args.uncached_fractions} × {limit:.1f}/s")
         result = await sweep(server, requests, cfg, label="cache off", progress=log)
@@ -365,8 +379,8 @@ async def cached_phase(args: argparse.Namespace, data: ModelData, limit: float, 
             f"send lag p99 {step['send_lag_p99_ms']} ms")
         return step
 
-    await asyncio.to_thread(server.start)
     try:
+        await start_server(server)
         log(f"cache on: server up in {server.start_seconds:.1f} s; {n} requests per step at "
             f"{args.cached_fractions} × {limit:.1f}/s, each step with a cold cache")
         async with grpc.aio.insecure_channel(server.target) as channel:
@@ -597,6 +611,13 @@ def exit_on_sigterm() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     exit_on_sigterm()
+    try:
+        return run(args)
+    finally:
+        stop_all()
+
+
+def run(args: argparse.Namespace) -> int:
     out_dir = args.out / NAME
     out_dir.mkdir(parents=True, exist_ok=True)
     if args.from_results is not None:

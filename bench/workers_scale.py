@@ -44,6 +44,8 @@ from bench.cache_zipf import (
     load_model_data,
     machine_table,
     server_flags,
+    start_server,
+    stop_all,
     sweep_outcome,
     write_docs,
 )
@@ -233,8 +235,8 @@ async def run_config(args: argparse.Namespace, data: ModelData, limit: float, re
     grid = sorted({*args.fractions, args.fixed_fraction})
     cfg = SweepConfig(limit=limit, fractions=grid, step_s=args.step_s, timeout_s=args.timeout_s,
                       p99_bound_ms=args.p99_bound_ms)
-    await asyncio.to_thread(group.start)
     try:
+        await start_server(group)
         pids = group.worker_pids()
         log(f"{label}: {workers} worker(s) up in {group.start_seconds:.1f} s (pids {pids})")
         channels, counts = await balanced_channels(group, args.connections_per_worker, requests[0], args.timeout_s)
@@ -441,6 +443,13 @@ def markdown(results: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     exit_on_sigterm()
+    try:
+        return run(args)
+    finally:
+        stop_all()
+
+
+def run(args: argparse.Namespace) -> int:
     out_dir = args.out / NAME
     out_dir.mkdir(parents=True, exist_ok=True)
     if args.from_results is not None:
