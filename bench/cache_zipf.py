@@ -7,7 +7,8 @@ and a check that cached answers equal computed ones.
 The stream: the distinct model inputs of the real query/title pairs, ranked in a seeded random order
 (the file carries no query frequencies, so the ranking cannot come from it) and drawn from a Zipf law,
 P(rank k) ∝ k^-s. A cached step plays a fixed number of requests (`--stream-requests`) from a cold
-cache, so every step sees the same stream and therefore the same hit rate whatever the rate offered.
+cache, so every step sees the same stream and therefore the same hit rate whatever the rate offered
+(a step that would outlast `--max-cached-step-s` plays fewer, and its table row says what they imply).
 Cold without restarts: each cached step tags its requests with a site name of its own (from the
 model's site vocabulary); the site is part of the cache key, so no step can hit an earlier step's
 entries. A site is a table look-up in the model input and costs the engine nothing.
