@@ -204,6 +204,8 @@ def implied_hit_rate(p: np.ndarray, n: int, window_from: float = 0.0) -> float:
     """Expected share of requests [window_from·n, n) that repeat an earlier request of the stream (what an
     unbounded cache, cold at request 0, answers without computing)."""
     m = int(window_from * n)
+    if n - m <= 0:
+        return 0.0
     new = expected_distinct(p, n) - expected_distinct(p, m)
     return 1.0 - new / (n - m)
 
