@@ -391,6 +391,7 @@ def markdown(results: dict[str, Any]) -> str:
     limit, cores = eng["limit"], r["machine"]["usable_cpus"]
     runs = r["configs"]
     base = runs[0]
+    dflt = r.get("default_threads", cpu_limit())  # the server's --intra-op-threads 0 on the measured machine
     lines: list[str] = [
         "## Throughput against `--workers N` (`python -m bench.workers_scale`)",
         "",
@@ -413,7 +414,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"{a['p99_bound_ms']:g} ms. Server CPU sums the workers' processes; generator = this process; foreign = "
         "everything else on the machine. Engine busy sums the workers' engine time (2 workers each busy all the "
         "time = 200%). Threads 'default' = the server's default, one per usable core "
-        f"({cpu_limit()} here)." + (f" Skipped as duplicates of an earlier configuration: {r['skipped']}."
+        f"({dflt} here)." + (f" Skipped as duplicates of an earlier configuration: {r['skipped']}."
                                     if r["skipped"] else ""),
         "",
         "| workers × threads | total threads | max sustained/s | × limit | × 1 worker | most completed/s "
@@ -425,8 +426,9 @@ def markdown(results: dict[str, Any]) -> str:
         fx = run["fixed_load_step"]
         share = fx["per_worker_items"]
         tot = sum(share) or 1.0
+        tag = " (default)" if not run["threads_flag"] else " (= default)" if run["threads_per_worker"] == dflt else ""
         lines.append(
-            f"| {run['workers']} × {run['threads_per_worker']}{'' if run['threads_flag'] else ' (default)'} | "
+            f"| {run['workers']} × {run['threads_per_worker']}{tag} | "
             f"{run['total_threads']} | {run['max_sustained_rate']:.1f} | {run['max_sustained_ratio']:.2f} | "
             f"{fmt(run['max_sustained_rate'] / b if (b := base['max_sustained_rate']) else None, 2)} | "
             f"{run['saturation_rate']:.1f} | "
@@ -476,7 +478,7 @@ def run(args: argparse.Namespace) -> int:
             continue
         seen.add(effective)
         runs.append(asyncio.run(run_config(args, data, limit, requests, workers, threads)))
-    results["configs"], results["skipped"] = runs, skipped
+    results["configs"], results["skipped"], results["default_threads"] = runs, skipped, cpu_limit()
     results["elapsed_s"] = round(time.perf_counter() - T0, 1)
     results["args"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     write_outputs(args, results)
