@@ -251,10 +251,14 @@ def cache_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, 
 
     hits, misses, coalesced = d("scoring_cache_hits_total"), d("scoring_cache_misses_total"), \
         d("scoring_cache_coalesced_total")
-    total = hits + misses  # misses count coalesced items too: every item not answered from the cache
-    return {"items": total, "hits": hits, "coalesced": coalesced, "computed": misses - coalesced,
-            "hit_rate": round(hits / total, 4) if total else None,
-            "not_computed_rate": round((hits + coalesced) / total, 4) if total else None}
+    admitted = hits + misses  # misses count coalesced items too: every admitted item not answered from the cache
+    received = d("model_pv_total")  # every item, also those refused (RESOURCE_EXHAUSTED), which the cache
+    # counters leave out: shares are of the items received, like the stream's implied hit rate
+    return {"items_received": received, "items_admitted": admitted, "hits": hits, "coalesced": coalesced,
+            "computed": misses - coalesced,
+            "hit_rate": round(hits / received, 4) if received else None,
+            "not_computed_rate": round((hits + coalesced) / received, 4) if received else None,
+            "hit_rate_of_admitted": round(hits / admitted, 4) if admitted else None}
 
 
 async def fetch(target: str, bodies: Sequence[bytes], timeout_s: float, group: int = 16) -> list[dict[int, float]]:
@@ -535,7 +539,8 @@ def markdown(results: dict[str, Any]) -> str:
         "achieved ≥ 95% of offered, "
         f"p99 ≤ {a['p99_bound_ms']:g} ms (deadline {a['timeout_s']:g} s). Served from cache, coalesced: the "
         "server's `scoring_cache_hits_total`, `scoring_cache_coalesced_total` over the step, as a share of the "
-        "items the server admitted (a call refused with RESOURCE_EXHAUSTED is not counted); *stream implies*: "
+        "requests it received (`model_pv_total`; a refused request counts as not served from cache); *stream "
+        "implies*: "
         "the expected share of that step's requests repeating an earlier one. Generator CPU is "
         "the load generator's process (it shares the cores with the server).",
         "",
