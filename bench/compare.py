@@ -94,6 +94,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--ray-batch-wait-ms", type=float, default=5.0)
     ap.add_argument("--ray-max-ongoing-requests", type=int, default=64)
     ap.add_argument("--ray-num-cpus", type=int, default=2)
+    ap.add_argument("--ray-variants", type=ray_variants, default=None, metavar="SIZE:WAIT_MS,...",
+                    help="extra Ray Serve batching settings, swept only ('' = none) [default: 8:2; none with --quick]")
     ap.add_argument("--quick", action="store_true", help="smoke run (about 2-3 minutes); numbers are rough")
     ap.add_argument("--benchmarks-md", type=Path, default=REPO_ROOT / "BENCHMARKS.md")
     ap.add_argument("--docs-dir", type=Path, default=REPO_ROOT / "docs" / "bench")
@@ -108,6 +110,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.quick:
         args.batch_sizes, args.engine_rounds, args.engine_min_s = [1, 8, 16], 1, 0.8
         args.step_s, args.refine, args.fixed_s = 4.0, 1, 4.0
+    if args.ray_variants is None:
+        args.ray_variants = [] if args.quick else [(8, 2.0)]
     return args
 
 
@@ -160,19 +164,42 @@ def make_systems(args: argparse.Namespace, out_dir: Path, version_dir: Path, ver
             systems.append(System(name, PeerProcess(name, cmd, port, probe, cwd=REPO_ROOT, log_path=log_path),
                                   {"workers": args.naive_workers, "batching": "none"}))
         else:
-            port = free_port()
-            cfg = {"max_batch_size": args.ray_max_batch_size, "batch_wait_timeout_ms": args.ray_batch_wait_ms,
-                   "max_ongoing_requests": args.ray_max_ongoing_requests, "num_cpus": args.ray_num_cpus,
-                   "replicas": 1, "ray": _ray_version()}
-            cmd = ["-m", "bench.peers.ray_peer", "--version-dir", str(version_dir), "--grpc-port", str(port),
-                   "--http-port", str(free_port()), "--threads", str(args.threads),
-                   "--num-cpus", str(args.ray_num_cpus), "--max-batch-size", str(args.ray_max_batch_size),
-                   "--batch-wait-ms", str(args.ray_batch_wait_ms),
-                   "--max-ongoing-requests", str(args.ray_max_ongoing_requests)]
-            md = (("application", RAY_APP),)
-            systems.append(System(name, PeerProcess(name, cmd, port, probe, cwd=REPO_ROOT, log_path=log_path,
-                                                    metadata=md), cfg, md))
+            systems.append(make_ray(args, out_dir, version_dir, probe, name, args.ray_max_batch_size,
+                                    args.ray_batch_wait_ms))
     return systems
+
+
+def make_ray(args: argparse.Namespace, out_dir: Path, version_dir: Path, probe: bytes, name: str,
+             max_batch_size: int, batch_wait_ms: float) -> System:
+    port = free_port()
+    cfg = {"max_batch_size": max_batch_size, "batch_wait_timeout_ms": batch_wait_ms,
+           "max_ongoing_requests": args.ray_max_ongoing_requests, "num_cpus": args.ray_num_cpus,
+           "replicas": 1, "ray": _ray_version()}
+    cmd = ["-m", "bench.peers.ray_peer", "--version-dir", str(version_dir), "--grpc-port", str(port),
+           "--http-port", str(free_port()), "--threads", str(args.threads), "--num-cpus", str(args.ray_num_cpus),
+           "--max-batch-size", str(max_batch_size), "--batch-wait-ms", str(batch_wait_ms),
+           "--max-ongoing-requests", str(args.ray_max_ongoing_requests)]
+    md = (("application", RAY_APP),)
+    handle = PeerProcess(name, cmd, port, probe, cwd=REPO_ROOT, log_path=out_dir / f"{name.replace(':', '-')}.log",
+                         metadata=md)
+    return System(name, handle, cfg, md)
+
+
+def ray_variants(text: str) -> list[tuple[int, float]]:
+    """'8:2,32:10' -> [(8, 2.0), (32, 10.0)]: max_batch_size and batch wait (ms) of extra Ray Serve sweeps."""
+    out = []
+    for part in text.split(","):
+        if part.strip():
+            size, _, wait = part.partition(":")
+            out.append((int(size), float(wait or 0)))
+    return out
+
+
+def label(name: str) -> str:
+    if name.startswith("ray:"):
+        _, size, wait = name.split(":")
+        return f"Ray Serve (batch ≤ {size}, wait {wait} ms)"
+    return LABELS[name]
 
 
 def _ray_version() -> str:
@@ -230,9 +257,10 @@ async def fixed_load(sys_: System, requests: list[bytes], args: argparse.Namespa
     mem = tree_memory_mib(sys_.pid)
     lat = summary["latency"]
     sys_.out["fixed"] = {**summary, "sustainable": ok, "verdict": why, "cpu": cpu, "memory": mem}
-    log(f"  {sys_.name} at {rate:.1f}/s: achieved {summary['achieved_rate']:.1f}/s, p50 {lat['p50_ms']} ms, "
-        f"p99 {lat['p99_ms']} ms, server {cpu['server_cores']:.2f} cores, RSS {mem['rss_mib']:.0f} MiB "
-        f"({mem['processes']} processes), foreign {cpu['foreign_cores']:.2f} cores -> {why}")
+    log(f"  {sys_.name} at {rate:.1f}/s for {duration:g} s: achieved {summary['achieved_rate']:.1f}/s, "
+        f"p50 {lat['p50_ms']} ms, p99 {lat['p99_ms']} ms, server {cpu['server_cores']:.2f} cores, "
+        f"RSS {mem['rss_mib']:.0f} MiB ({mem['processes']} processes), foreign {cpu['foreign_cores']:.2f} "
+        f"cores -> {why}")
 
 
 def max_rate(sweep: dict[str, Any]) -> float:
@@ -250,26 +278,38 @@ def choose_fixed_rate(args: argparse.Namespace, systems: list[System]) -> float:
     return round(float(args.fixed_fraction) * min(m for m in maxima if m > 0), 1)
 
 
+async def start_and_sweep(s: System, started: list[System], requests: list[bytes], args: argparse.Namespace,
+                          raw_rate: float) -> None:
+    log(f"{label(s.name)}: starting")
+    await asyncio.to_thread(s.start)
+    started.append(s)
+    log(f"  up in {s.out['start_s']:.1f} s (pid {s.pid}, {s.out['memory_idle']['processes']} processes, "
+        f"RSS {s.out['memory_idle']['rss_mib']:.0f} MiB); sweep with p99 ≤ {args.p99_objective_ms:g} ms")
+    await sweep_system(s, requests, args, raw_rate)
+    sw = s.out["sweep"]
+    log(f"  {label(s.name)}: max {max_rate(sw):.1f}/s with p99 ≤ {args.p99_objective_ms:g} ms; most "
+        f"completed at any step {sw['saturation_rate']:.1f}/s")
+
+
 async def servers_phase(args: argparse.Namespace, results: dict[str, Any], systems: list[System],
-                        requests: list[bytes], raw_rate: float) -> None:
+                        variants: list[System], requests: list[bytes], raw_rate: float) -> None:
     started: list[System] = []
     try:
         for s in systems:
-            log(f"{LABELS[s.name]}: starting")
-            await asyncio.to_thread(s.start)
-            started.append(s)
-            log(f"  up in {s.out['start_s']:.1f} s (pid {s.pid}, {s.out['memory_idle']['processes']} processes, "
-                f"RSS {s.out['memory_idle']['rss_mib']:.0f} MiB); sweep with p99 ≤ {args.p99_objective_ms:g} ms")
-            await sweep_system(s, requests, args, raw_rate)
-            sw = s.out["sweep"]
-            log(f"  {LABELS[s.name]}: max {max_rate(sw):.1f}/s with p99 ≤ {args.p99_objective_ms:g} ms; most "
-                f"completed at any step {sw['saturation_rate']:.1f}/s")
+            await start_and_sweep(s, started, requests, args, raw_rate)
         rate = choose_fixed_rate(args, systems)
         results["fixed_rate"] = rate
-        log(f"fixed load for every system: {rate:.1f}/s for {args.fixed_s:g} s")
+        log(f"fixed load for every system: {rate:.1f}/s")
         # Newest first: Ray (started last) is measured and stopped before the others' fixed runs.
         for s in reversed(systems):
             await fixed_load(s, requests, args, rate)
+            await asyncio.to_thread(s.stop)
+            started.remove(s)
+            log(f"  {s.name} stopped: {s.out['stop']}")
+        # Other Ray Serve batching settings, swept alone (one Ray cluster at a time), so the comparison is
+        # against the best Ray configuration measured, not just the default one.
+        for s in variants:
+            await start_and_sweep(s, started, requests, args, raw_rate)
             await asyncio.to_thread(s.stop)
             started.remove(s)
             log(f"  {s.name} stopped: {s.out['stop']}")
@@ -278,10 +318,20 @@ async def servers_phase(args: argparse.Namespace, results: dict[str, Any], syste
             await asyncio.to_thread(s.stop)
 
 
+def best_ray(results: dict[str, Any]) -> tuple[str | None, float]:
+    """The Ray Serve configuration with the highest max throughput (default and variants alike)."""
+    rays = {n: max_rate(s["sweep"]) for n, s in {**results["systems"], **results.get("ray_variants", {})}.items()
+            if n == "ray" or n.startswith("ray:")}
+    if not rays:
+        return None, 0.0
+    name = max(rays, key=lambda n: rays[n])
+    return name, rays[name]
+
+
 def table_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     raw = results["raw"]["samples_per_s"]
     servers = results["systems"]
-    ray_max = max_rate(servers["ray"]["sweep"]) if "ray" in servers else None
+    ray_max = best_ray(results)[1] or None
     rows = [{"system": "raw", "max_rate": raw, "vs_raw": 1.0, "vs_ray": raw / ray_max if ray_max else None,
              "note": f"batch {results['raw']['batch_size']}, length-grouped"}]
     for name, s in servers.items():
@@ -356,13 +406,27 @@ def markdown(results: dict[str, Any], plot: str | None) -> str:
         fixed_note = "" if r["fixed_ok"] in (None, True) else " ✗"
         rss = "–" if r["rss"] is None else f"{r['rss']:,.0f}" + (f" ({r['procs']} processes, PSS {r['pss']:,.0f})"
                                                                 if (r["procs"] or 1) > 1 else "")
-        out.append(f"| {LABELS[r['system']]} | {_f(r['max_rate'])}/s{mark} | {_x(r['vs_raw'])} | {_x(r['vs_ray'])} "
+        out.append(f"| {label(r['system'])} | {_f(r['max_rate'])}/s{mark} | {_x(r['vs_raw'])} | {_x(r['vs_ray'])} "
                    f"| {_f(r['p50'])} ms{fixed_note} | {_f(r['p99'])} ms{fixed_note} | {_f(r['cpu'], 2)} | {rss} |")
+    ray_name, ray_max = best_ray(results)
+    if ray_name is not None:
+        out += ["", f"× Ray Serve divides by the best Ray Serve configuration measured in this run: {label(ray_name)}, "
+                f"{_f(ray_max)}/s."]
+    variants = results.get("ray_variants") or {}
+    if variants:
+        out += ["", "Other Ray Serve batching settings (max throughput sweep only):", "",
+                f"| configuration | max throughput, p99 ≤ {obj:g} ms | p99 at that rate | most completed at any step |",
+                "| --- | ---: | ---: | ---: |"]
+        main_ray = {"ray": results["systems"]["ray"]} if "ray" in results["systems"] else {}
+        for name, v in {**main_ray, **variants}.items():
+            sw = v["sweep"]
+            out.append(f"| {label(name)} | {_f(max_rate(sw))}/s | {_f(sw['p99_at_max_ms'])} ms | "
+                       f"{_f(sw['saturation_rate'])}/s |")
     out += ["", "Targets:", ""]
     for t in targets(results):
         shown = _x(t["value"]) if "Ray" in t["target"] else ("–" if t["value"] is None else f"{t['value']:.0%}")
         out.append(f"- {t['target']}: {shown}: **{'met' if t['met'] else 'NOT met'}**")
-    fixed_fail = [LABELS[n] for n, s in results["systems"].items() if not s.get("fixed", {}).get("sustainable", True)]
+    fixed_fail = [label(n) for n, s in results["systems"].items() if not s.get("fixed", {}).get("sustainable", True)]
     if fixed_fail:
         out.append(f"- ✗ at the fixed load: {', '.join(fixed_fail)} did not sustain it (see the steps below).")
     sv = results["systems"]
@@ -405,11 +469,11 @@ def markdown(results: dict[str, Any], plot: str | None) -> str:
         out += [f"![Peers: max throughput and p99 by offered load](docs/bench/{plot})", ""]
     out += ["### Sweep steps", "", "| system | offered/s | achieved/s | p50 ms | p99 ms | failed | verdict |",
             "| --- | ---: | ---: | ---: | ---: | --- | --- |"]
-    for name, s in sv.items():
+    for name, s in {**sv, **(results.get("ray_variants") or {})}.items():
         for st in s["sweep"]["steps"]:
             lat = st["latency"]
             fails = ", ".join(f"{k} {v}" for k, v in st["failures"].items()) or "0"
-            out.append(f"| {LABELS[name]} | {st['offered_rate']:.1f} | {st['achieved_rate']:.1f} | "
+            out.append(f"| {label(name)} | {st['offered_rate']:.1f} | {st['achieved_rate']:.1f} | "
                        f"{_f(lat['p50_ms'])} | {_f(lat['p99_ms'])} | {fails} | {st['verdict']} |")
     out += ["", "Reproduce: `make bench` (or `python -m bench.compare --model-repo model_repo --out bench_out`; "
             "`--quick` for a smoke run). Every number: `bench_out/compare/results.json`."]
@@ -435,11 +499,13 @@ def plot(results: dict[str, Any], path: Path) -> None:
     ax1.set_ylabel("requests/s")
     ax1.set_title(f"Max throughput with p99 ≤ {obj:g} ms", fontsize=10)
     ax1.tick_params(axis="x", labelsize=8)
-    for name, s in results["systems"].items():
+    for name, s in {**results["systems"], **(results.get("ray_variants") or {})}.items():
         steps = sorted(s["sweep"]["steps"], key=lambda st: st["offered_rate"])
         xs = [st["offered_rate"] for st in steps if st["latency"]["p99_ms"] is not None]
         ys = [st["latency"]["p99_ms"] for st in steps if st["latency"]["p99_ms"] is not None]
-        ax2.plot(xs, ys, "o-", color=colors[name], label=LABELS[name])
+        variant = name.startswith("ray:")
+        ax2.plot(xs, ys, "o--" if variant else "o-", color=colors["ray" if variant else name], alpha=0.5 if variant
+                 else 1.0, label=label(name))
     ax2.axhline(obj, color="red", ls="--", lw=1, label=f"objective {obj:g} ms")
     ax2.axvline(results["raw"]["samples_per_s"], color="tab:gray", ls=":", lw=1, label="raw engine")
     ax2.set_yscale("log")
@@ -512,8 +578,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     gc.collect()  # the session's memory and threads are not the servers' business
 
     systems = make_systems(args, out_dir, version_dir, manifest.version, requests[0])
-    asyncio.run(servers_phase(args, results, systems, requests, best["samples_per_s"]))
+    variants = [make_ray(args, out_dir, version_dir, requests[0], f"ray:{size}:{wait:g}", size, wait)
+                for size, wait in args.ray_variants if "ray" in args.systems]
+    asyncio.run(servers_phase(args, results, systems, variants, requests, best["samples_per_s"]))
     results["systems"] = {s.name: {"config": s.config, **s.out} for s in systems}
+    results["ray_variants"] = {s.name: {"config": s.config, **s.out} for s in variants}
     results["table"] = table_rows(results)
     results["targets"] = targets(results)
     results["elapsed_s"] = round(time.perf_counter() - T0, 1)
