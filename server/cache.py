@@ -147,7 +147,8 @@ class CachingScheduler:
         keys = [(model.name, model.version, item) for item in items]
         results: list[asyncio.Future[np.ndarray] | None] = [None] * len(items)
         fresh: dict[CacheKey, list[int]] = {}
-        hits = coalesced = 0
+        following: list[int] = []
+        hits = 0
         for i, key in enumerate(keys):
             row = self.cache.get(key)
             if row is not None:
@@ -156,21 +157,23 @@ class CachingScheduler:
                 results[i] = fut
                 hits += 1
             elif key in self._inflight:
-                results[i] = self._follow(key, deadline)
-                coalesced += 1
+                following.append(i)
             else:
                 fresh.setdefault(key, []).append(i)
+        coalesced = len(following) + sum(len(idx) - 1 for idx in fresh.values())
+        # Counted before the batcher may refuse, so the counters describe every lookup made.
+        name = model.name
+        self.metrics.hits.labels(name).inc(hits)
+        self.metrics.misses.labels(name).inc(len(items) - hits)
+        self.metrics.coalesced.labels(name).inc(coalesced)
         if fresh:
             queued = model.batcher.submit([k[2] for k in fresh], deadline)  # may raise: nothing joined yet
             for (key, idx), leader in zip(fresh.items(), queued, strict=True):
                 self._lead(key, model, leader)
                 for i in idx:
                     results[i] = self._follow(key, deadline)
-            coalesced += sum(len(idx) - 1 for idx in fresh.values())
-        name = model.name
-        self.metrics.hits.labels(name).inc(hits)
-        self.metrics.misses.labels(name).inc(len(items) - hits)
-        self.metrics.coalesced.labels(name).inc(coalesced)
+        for i in following:  # joined only once the call is admitted: a refused call leaves no waiter behind
+            results[i] = self._follow(keys[i], deadline)
         return [r for r in results if r is not None]
 
     def _lead(self, key: CacheKey, model: LoadedModel, leader: asyncio.Future[np.ndarray]) -> _InFlight:
