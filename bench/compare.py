@@ -195,10 +195,13 @@ def ray_variants(text: str) -> list[tuple[int, float]]:
     return out
 
 
-def label(name: str) -> str:
+def label(name: str, config: dict[str, Any] | None = None) -> str:
+    """Display name; Ray Serve's carries its batching settings when `config` (or the name) gives them."""
     if name.startswith("ray:"):
         _, size, wait = name.split(":")
         return f"Ray Serve (batch ≤ {size}, wait {wait} ms)"
+    if name == "ray" and config:
+        return f"Ray Serve (batch ≤ {config['max_batch_size']}, wait {config['batch_wait_timeout_ms']:g} ms)"
     return LABELS[name]
 
 
@@ -389,9 +392,9 @@ def markdown(results: dict[str, Any], plot: str | None) -> str:
         "",
         f"**Objective: p99 ≤ {obj:g} ms** (`--p99-objective-ms`; default {DEFAULT_OBJECTIVE_MS:g}). A scoring call "
         "is one step inside a search request, so its budget is tens of milliseconds with 100 ms as the ceiling. "
-        f"On this CPU one batch at the raw engine's best size ({raw['batch_size']}) takes about {batch_ms:.0f} ms, "
-        "so 100 ms leaves room for batching but not for a queue several batches deep: a looser objective would "
-        "reward queueing, a tighter one would rule batching out on 2 cores.",
+        "On a quiet 2-core machine one batch at the raw engine's best size (16) takes about 70 ms, so 100 ms leaves "
+        "room for batching but not for a queue several batches deep: a looser objective would reward queueing, "
+        f"a tighter one would rule batching out (in this run: batch {raw['batch_size']}, about {batch_ms:.0f} ms).",
         "",
         f"| system | max throughput, p99 ≤ {obj:g} ms | × raw engine | × Ray Serve | p50 at {_f(rate)}/s | "
         f"p99 at {_f(rate)}/s | CPU at {_f(rate)}/s (cores) | RSS (MiB) |",
@@ -399,19 +402,21 @@ def markdown(results: dict[str, Any], plot: str | None) -> str:
     ]
     for r in table_rows(results):
         if r["system"] == "raw":
-            out.append(f"| {LABELS['raw']} (batch {raw['batch_size']}, median of {results['raw']['rounds']} "
-                       f"runs) | {_f(r['max_rate'])}/s | 1.00× | {_x(r['vs_ray'])} | – | – | – | – |")
+            out.append(f"| raw engine, ORT alone (batch {raw['batch_size']}, median of {results['raw']['rounds']} "
+                       f"run(s)) | {_f(r['max_rate'])}/s | 1.00× | {_x(r['vs_ray'])} | – | – | – | – |")
             continue
         mark = "" if r["bracketed"] else " (≥: no failing rate above it was measured)"
         fixed_note = "" if r["fixed_ok"] in (None, True) else " ✗"
         rss = "–" if r["rss"] is None else f"{r['rss']:,.0f}" + (f" ({r['procs']} processes, PSS {r['pss']:,.0f})"
                                                                 if (r["procs"] or 1) > 1 else "")
-        out.append(f"| {label(r['system'])} | {_f(r['max_rate'])}/s{mark} | {_x(r['vs_raw'])} | {_x(r['vs_ray'])} "
+        name = label(r["system"], results["systems"][r["system"]]["config"])
+        out.append(f"| {name} | {_f(r['max_rate'])}/s{mark} | {_x(r['vs_raw'])} | {_x(r['vs_ray'])} "
                    f"| {_f(r['p50'])} ms{fixed_note} | {_f(r['p99'])} ms{fixed_note} | {_f(r['cpu'], 2)} | {rss} |")
     ray_name, ray_max = best_ray(results)
     if ray_name is not None:
-        out += ["", f"× Ray Serve divides by the best Ray Serve configuration measured in this run: {label(ray_name)}, "
-                f"{_f(ray_max)}/s."]
+        cfg = results["systems"].get("ray", {}).get("config")
+        out += ["", f"× Ray Serve divides by the best Ray Serve configuration measured in this run: "
+                f"{label(ray_name, cfg)}, {_f(ray_max)}/s."]
     variants = results.get("ray_variants") or {}
     if variants:
         out += ["", "Other Ray Serve batching settings (max throughput sweep only):", "",
@@ -420,7 +425,7 @@ def markdown(results: dict[str, Any], plot: str | None) -> str:
         main_ray = {"ray": results["systems"]["ray"]} if "ray" in results["systems"] else {}
         for name, v in {**main_ray, **variants}.items():
             sw = v["sweep"]
-            out.append(f"| {label(name)} | {_f(max_rate(sw))}/s | {_f(sw['p99_at_max_ms'])} ms | "
+            out.append(f"| {label(name, v['config'])} | {_f(max_rate(sw))}/s | {_f(sw['p99_at_max_ms'])} ms | "
                        f"{_f(sw['saturation_rate'])}/s |")
     out += ["", "Targets:", ""]
     for t in targets(results):
