@@ -243,8 +243,8 @@ async def sweep_system(sys_: System, requests: list[bytes], args: argparse.Names
 
 
 async def fixed_load(sys_: System, requests: list[bytes], args: argparse.Namespace, rate: float) -> None:
-    # At least ~200 calls, so p99 is not the single slowest one; capped for very slow systems.
-    duration = min(max(args.fixed_s, 200.0 / rate), 4 * args.fixed_s)
+    # At least ~100 calls, so p99 is not just the slowest one; capped so a slow machine does not drag on.
+    duration = round(min(max(args.fixed_s, 100.0 / rate), 2 * args.fixed_s), 1)
     async with grpc.aio.insecure_channel(sys_.target) as channel:
         # One unmeasured second: the channel is new and the server was idle.
         await run_open_loop(channel, requests, LoadConfig(rate=rate, duration_s=1.0, timeout_s=args.timeout_s,

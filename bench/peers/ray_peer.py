@@ -9,10 +9,14 @@ threads; Ray itself is told it has `--num-cpus` CPUs (default 2, the machine), s
 worker processes than the box has cores. On SIGTERM or SIGINT, Serve and Ray are shut down (Ray's
 own processes stop with it; `bench.compare` also ends any of this process's descendants left over).
 
-Batching (see BENCHMARKS.md for what was tried): `max_batch_size` 16 (the raw engine's best batch size
-on a 2-core CPU; larger batches are slower per item here), `batch_wait_timeout_s` 0.005, and
+Batching: `max_batch_size` 16 (the raw engine's best batch size on a quiet 2-core CPU: larger batches
+are slower per item here), `batch_wait_timeout_s` 0.005 (about one arrival at 200/s), and
 `max_ongoing_requests` 64 per replica, which must be above the batch size or batches never fill (Ray's
-default is 5).
+default is 5). Tried during development, on a shared machine whose other tenants used 1-1.4 cores, so
+only roughly: 16/5 ms, 8/2 ms and 32/10 ms sustained similar rates within the noise; a batch wait of 0 vs
+5 ms changed the unloaded latency by ~3 ms, against ~20 ms that the proxy-to-replica path adds per call
+over the naive server. `bench.compare` therefore sweeps 8/2 ms as well (`--ray-variants`) and compares
+against the better of the two.
 """
 
 from __future__ import annotations
