@@ -449,7 +449,9 @@ def markdown(results: dict[str, Any], plot: str | None) -> str:
                    f"batch and runs the session; `max_ongoing_requests` {c['max_ongoing_requests']} (Ray's default "
                    f"of 5 would cap every batch at 5); `ray.init(num_cpus={c['num_cpus']})` and the replica reserves "
                    "the CPUs its ORT threads use, so Ray starts no extra workers on 2 cores. Memory is the sum "
-                   "over all of Ray's processes (GCS, raylet, dashboard agent, controller, proxy, replica).")
+                   "over all of Ray's processes (GCS, raylet, dashboard agent, controller, proxy, replica). The "
+                   "batching settings tried during development are listed in `bench/peers/ray_peer.py`; this run "
+                   "also sweeps the `--ray-variants` above and divides by the best.")
     if "service" in sv:
         out.append(f"- **This service**: `python -m server {' '.join(sv['service']['config']['flags'])}`.")
     fixed_how = "the given rate" if a["fixed_rate"] else f"{a['fixed_fraction']:.0%} of the lowest max"
