@@ -284,8 +284,15 @@ def choose_fixed_rate(args: argparse.Namespace, systems: list[System]) -> float:
 async def start_and_sweep(s: System, started: list[System], requests: list[bytes], args: argparse.Namespace,
                           raw_rate: float) -> None:
     log(f"{label(s.name)}: starting")
-    await asyncio.to_thread(s.start)
     started.append(s)
+    try:
+        await asyncio.to_thread(s.start)
+    except (RuntimeError, TimeoutError, OSError) as exc:  # one peer that will not start must not sink the run
+        s.out["error"] = str(exc)
+        log(f"  {label(s.name)} did not start: {exc}")
+        await asyncio.to_thread(s.stop)
+        started.remove(s)
+        return
     log(f"  up in {s.out['start_s']:.1f} s (pid {s.pid}, {s.out['memory_idle']['processes']} processes, "
         f"RSS {s.out['memory_idle']['rss_mib']:.0f} MiB); sweep with p99 ≤ {args.p99_objective_ms:g} ms")
     await sweep_system(s, requests, args, raw_rate)
@@ -300,6 +307,9 @@ async def servers_phase(args: argparse.Namespace, results: dict[str, Any], syste
     try:
         for s in systems:
             await start_and_sweep(s, started, requests, args, raw_rate)
+        systems = [s for s in systems if "sweep" in s.out]
+        if not systems:
+            return
         rate = choose_fixed_rate(args, systems)
         results["fixed_rate"] = rate
         log(f"fixed load for every system: {rate:.1f}/s")
@@ -313,9 +323,10 @@ async def servers_phase(args: argparse.Namespace, results: dict[str, Any], syste
         # against the best Ray configuration measured, not just the default one.
         for s in variants:
             await start_and_sweep(s, started, requests, args, raw_rate)
-            await asyncio.to_thread(s.stop)
-            started.remove(s)
-            log(f"  {s.name} stopped: {s.out['stop']}")
+            if s in started:
+                await asyncio.to_thread(s.stop)
+                started.remove(s)
+                log(f"  {s.name} stopped: {s.out['stop']}")
     finally:
         for s in started:
             await asyncio.to_thread(s.stop)
@@ -427,6 +438,8 @@ def markdown(results: dict[str, Any], plot: str | None) -> str:
             sw = v["sweep"]
             out.append(f"| {label(name, v['config'])} | {_f(max_rate(sw))}/s | {_f(sw['p99_at_max_ms'])} ms | "
                        f"{_f(sw['saturation_rate'])}/s |")
+    for name, why in (results.get("not_measured") or {}).items():
+        out += ["", f"**{label(name)} was not measured**: {why}"]
     out += ["", "Targets:", ""]
     for t in targets(results):
         shown = _x(t["value"]) if "Ray" in t["target"] else ("–" if t["value"] is None else f"{t['value']:.0%}")
@@ -584,12 +597,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     del engine, sweep
     gc.collect()  # the session's memory and threads are not the servers' business
 
+    if "ray" in args.systems and _ray_version() == "not installed":
+        log("Ray Serve: ray is not installed (`make bench` installs requirements-bench.txt); leaving it out")
+        args.systems = [s for s in args.systems if s != "ray"]
     systems = make_systems(args, out_dir, version_dir, manifest.version, requests[0])
     variants = [make_ray(args, out_dir, version_dir, requests[0], f"ray:{size}:{wait:g}", size, wait)
                 for size, wait in args.ray_variants if "ray" in args.systems]
     asyncio.run(servers_phase(args, results, systems, variants, requests, best["samples_per_s"]))
-    results["systems"] = {s.name: {"config": s.config, **s.out} for s in systems}
-    results["ray_variants"] = {s.name: {"config": s.config, **s.out} for s in variants}
+    results["systems"] = {s.name: {"config": s.config, **s.out} for s in systems if "sweep" in s.out}
+    results["ray_variants"] = {s.name: {"config": s.config, **s.out} for s in variants if "sweep" in s.out}
+    results["not_measured"] = {s.name: s.out.get("error", "") for s in [*systems, *variants] if "sweep" not in s.out}
     results["table"] = table_rows(results)
     results["targets"] = targets(results)
     results["elapsed_s"] = round(time.perf_counter() - T0, 1)
