@@ -256,10 +256,20 @@ async def fixed_load(sys_: System, requests: list[bytes], args: argparse.Namespa
                                                                    metadata=sys_.metadata, seed=100))
         cpu = monitor.stop()
     summary = result.summary()
-    ok, why = judge(summary, args.p99_objective_ms)
+    # Held = every call OK and p99 within the objective (a server whose p99 stayed low kept up). The sweep's
+    # keep-up test is recorded too, but over a short window it mostly measures Poisson counting noise.
+    _, keep_up = judge(summary, args.p99_objective_ms)
+    p99 = summary["latency"]["p99_ms"]
+    if summary["failures"]:
+        ok, why = False, "failures: " + ", ".join(f"{k} {v}" for k, v in summary["failures"].items())
+    elif p99 is None or p99 > args.p99_objective_ms:
+        ok, why = False, f"p99 {p99} ms over the {args.p99_objective_ms:g} ms objective"
+    else:
+        ok, why = True, "ok"
     mem = tree_memory_mib(sys_.pid)
     lat = summary["latency"]
-    sys_.out["fixed"] = {**summary, "sustainable": ok, "verdict": why, "cpu": cpu, "memory": mem}
+    sys_.out["fixed"] = {**summary, "sustainable": ok, "verdict": why, "sweep_judge": keep_up, "cpu": cpu,
+                         "memory": mem}
     log(f"  {sys_.name} at {rate:.1f}/s for {duration:g} s: achieved {summary['achieved_rate']:.1f}/s, "
         f"p50 {lat['p50_ms']} ms, p99 {lat['p99_ms']} ms, server {cpu['server_cores']:.2f} cores, "
         f"RSS {mem['rss_mib']:.0f} MiB ({mem['processes']} processes), foreign {cpu['foreign_cores']:.2f} "
@@ -446,7 +456,8 @@ def markdown(results: dict[str, Any], plot: str | None) -> str:
         out.append(f"- {t['target']}: {shown}: **{'met' if t['met'] else 'NOT met'}**")
     fixed_fail = [label(n) for n, s in results["systems"].items() if not s.get("fixed", {}).get("sustainable", True)]
     if fixed_fail:
-        out.append(f"- ✗ at the fixed load: {', '.join(fixed_fail)} did not sustain it (see the steps below).")
+        out.append(f"- ✗ at the fixed load: {', '.join(fixed_fail)} had failed calls or a p99 over the objective "
+                   "(`results.json`, `fixed`).")
     sv = results["systems"]
     out += ["", "### How each system ran", ""]
     if "naive" in sv:
