@@ -12,11 +12,12 @@ own processes stop with it; `bench.compare` also ends any of this process's desc
 Batching: `max_batch_size` 16 (the raw engine's best batch size on a quiet 2-core CPU: larger batches
 are slower per item here), `batch_wait_timeout_s` 0.005 (about one arrival at 200/s), and
 `max_ongoing_requests` 64 per replica, which must be above the batch size or batches never fill (Ray's
-default is 5). Tried during development, on a shared machine whose other tenants used 1-1.4 cores, so
-only roughly: 16/5 ms, 8/2 ms and 32/10 ms sustained similar rates within the noise; a batch wait of 0 vs
-5 ms changed the unloaded latency by ~3 ms, against ~20 ms that the proxy-to-replica path adds per call
-over the naive server. `bench.compare` therefore sweeps 8/2 ms as well (`--ray-variants`) and compares
-against the better of the two.
+default is 5). Serve's per-request access log is off (`--access-log` turns it on; it made no measurable
+difference to the unloaded latency here). Tried during development, on a shared machine whose other
+tenants used 1-1.4 cores, so only roughly: 16/5 ms, 8/2 ms and 32/10 ms sustained similar rates within
+the noise; a batch wait of 0 vs 5 ms changed the unloaded latency by ~3 ms, against ~13-20 ms that the
+proxy-to-replica path adds per call over the naive server. `bench.compare` therefore sweeps 8/2 ms as
+well (`--ray-variants`) and compares against the better of the two.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from typing import Any
 import ray
 from ray import serve
 from ray.serve.config import HTTPOptions, gRPCOptions
+from ray.serve.schema import LoggingConfig
 
 from bench.peers.model import PeerModel
 from scoring.v1 import scoring_pb2
@@ -87,6 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--max-batch-size", type=int, default=16)
     ap.add_argument("--batch-wait-ms", type=float, default=5.0)
     ap.add_argument("--max-ongoing-requests", type=int, default=64)
+    ap.add_argument("--access-log", action="store_true",
+                    help="keep Serve's per-request access log lines (off: this service logs no line per call either)")
     args = ap.parse_args(argv)
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage reporting over the network
@@ -101,14 +105,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
+        logging_config = LoggingConfig(enable_access_log=args.access_log)
         serve.start(http_options=HTTPOptions(host="127.0.0.1", port=args.http_port),
-                    grpc_options=gRPCOptions(port=args.grpc_port, grpc_servicer_functions=[SERVICER]))
+                    grpc_options=gRPCOptions(port=args.grpc_port, grpc_servicer_functions=[SERVICER]),
+                    logging_config=logging_config)
         # The replica's ORT threads are the CPU it uses: reserve them. (The decorator returns a Deployment.)
         app = RayScorer.options(  # type: ignore[attr-defined, unused-ignore]
             num_replicas=args.replicas, max_ongoing_requests=args.max_ongoing_requests,
             ray_actor_options={"num_cpus": min(args.threads, args.num_cpus)},
         ).bind(str(args.version_dir.resolve()), args.threads, args.max_batch_size, args.batch_wait_ms / 1000.0)
-        serve.run(app, name=APP_NAME, route_prefix="/")  # a prefix makes the proxies route to it
+        # A route prefix is what makes the proxies route to the application (None: reachable by handle only).
+        serve.run(app, name=APP_NAME, route_prefix="/", logging_config=logging_config)
         print(f"ray serve gRPC on 127.0.0.1:{args.grpc_port}, application {APP_NAME}", flush=True)
         while not stop.wait(1.0):
             pass
