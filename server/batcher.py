@@ -2,9 +2,10 @@
 
 Shape of the loop (after text-embeddings-inference's queue/infer split):
 - `submit` admits items or refuses at once (no waiting for room) when the queue holds
-  `max_queue_size` items or more than `max_queue_wait_ms` of engine work, estimated from the
-  batches just run: under overload the excess is refused in microseconds, and what is admitted
-  waits a bounded time;
+  `max_queue_size` items, or more than `max_queue_wait_ms` of engine work (estimated from the
+  batches just run), or more work than the call's deadline leaves time for: under overload the
+  excess is refused in microseconds instead of expiring in the queue, and what is admitted waits
+  a bounded time;
 - one dispatcher task owns the queue: it waits until the engine is free or a full batch is
   queued (and, when the engine is idle, at most `max_queue_delay_ms` for more arrivals), drops
   items whose client went away or whose deadline passed, and builds a batch around the oldest
@@ -66,7 +67,7 @@ class BatcherConfig:
     max_batch_tokens: int = 8192  # batch size x padded length
     max_queue_delay_ms: float = 2.0
     max_queue_size: int = 1024  # items waiting, not counting the batch on the engine
-    max_queue_wait_ms: float = 250.0  # estimated engine time queued before refusing (0 = no bound)
+    max_queue_wait_ms: float = 500.0  # estimated engine time queued before refusing (0 = no time bound)
     batch_overhead_tokens: int = 0  # 0 = by device; see BatchCost
 
     def __post_init__(self) -> None:
@@ -219,6 +220,8 @@ class Batcher:
                 f"queue holds {len(self._queue)} of {cfg.max_queue_size} items; {len(items)} more do not fit"
             )
         tokens = sum(it.length for it in items)
+        loop = asyncio.get_running_loop()
+        now = loop.time()
         if cfg.max_queue_wait_ms > 0 and self._queue:  # an empty queue always admits: no starvation
             work = self._work_seconds(len(self._queue) + len(items), self._queued_tokens + tokens)
             if work is not None and work * 1000.0 > cfg.max_queue_wait_ms:
@@ -226,8 +229,12 @@ class Batcher:
                     f"queue holds ~{work * 1000.0:.0f} ms of engine work with these items, over "
                     f"max_queue_wait_ms {cfg.max_queue_wait_ms:.0f}"
                 )
-        loop = asyncio.get_running_loop()
-        now = loop.time()
+            if work is not None and deadline is not None and now + work > deadline:
+                # It would expire in the queue: say so now, while the client can still go elsewhere.
+                raise QueueFull(
+                    f"queue holds ~{work * 1000.0:.0f} ms of engine work with these items; the call's deadline "
+                    f"leaves {max(0.0, deadline - now) * 1000.0:.0f} ms"
+                )
         futures = []
         for item in items:
             fut: asyncio.Future[np.ndarray] = loop.create_future()

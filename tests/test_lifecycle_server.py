@@ -47,26 +47,27 @@ def test_queue_full_is_refused_at_once_and_counted(demo_repo: Path) -> None:
         assert elapsed < 60
 
 
+async def _burst(target: str, n: int, timeout: float) -> list[grpc.aio.AioRpcError | None]:
+    """n concurrent Score calls with distinct long inputs; the error of each (None = OK)."""
+    async with grpc.aio.insecure_channel(target) as ch:
+        stub = scoring_pb2_grpc.ScorerStub(ch)  # type: ignore[no-untyped-call]
+
+        async def one(i: int) -> grpc.aio.AioRpcError | None:
+            try:
+                # Not _fire's queries: those would be answered by the result cache.
+                await stub.Score(scoring_pb2.ScoreRequest(query=f"突发{i}", title=LONG_TITLE), timeout=timeout)
+                return None
+            except grpc.aio.AioRpcError as err:
+                return err
+
+        return list(await asyncio.gather(*(one(i) for i in range(n))))
+
+
 def test_queue_is_bounded_by_estimated_engine_time(demo_repo: Path) -> None:
     """A burst worth more than --max-queue-wait-ms of engine work: the excess is refused, saying why."""
     with run_server(demo_repo, "--max-queue-wait-ms", "60", "--max-queue-size", "1024") as srv:
         asyncio.run(_fire(srv.target, 4, timeout=60, delay_each=0.2))  # timed batches feed the estimate
-
-        async def burst() -> list[grpc.aio.AioRpcError | None]:
-            async with grpc.aio.insecure_channel(srv.target) as ch:
-                stub = scoring_pb2_grpc.ScorerStub(ch)  # type: ignore[no-untyped-call]
-
-                async def one(i: int) -> grpc.aio.AioRpcError | None:
-                    try:
-                        # Not the warm-up's queries: those would be answered by the result cache.
-                        await stub.Score(scoring_pb2.ScoreRequest(query=f"突发{i}", title=LONG_TITLE), timeout=60)
-                        return None
-                    except grpc.aio.AioRpcError as err:
-                        return err
-
-                return list(await asyncio.gather(*(one(i) for i in range(120))))
-
-        errors = asyncio.run(burst())
+        errors = asyncio.run(_burst(srv.target, 120, timeout=60))
         refused = [e for e in errors if e is not None]
         assert refused and len(refused) < 120
         assert {e.code() for e in refused} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
@@ -74,6 +75,19 @@ def test_queue_is_bounded_by_estimated_engine_time(demo_repo: Path) -> None:
         m = scrape(srv)
         assert m['model_lost_total{model="demo",reason="queue_full",version="1"}'] == len(refused)
         assert m['scoring_batch_size_sum{model="demo"}'] == 4 + 120 - len(refused)
+
+
+def test_call_that_would_expire_in_the_queue_is_refused_at_once(demo_repo: Path) -> None:
+    with run_server(demo_repo, "--max-queue-wait-ms", "600000") as srv:  # only the deadlines bound the queue
+        asyncio.run(_fire(srv.target, 4, timeout=60, delay_each=0.2))
+        errors = asyncio.run(_burst(srv.target, 120, timeout=0.4))
+        codes = [e.code() if e is not None else grpc.StatusCode.OK for e in errors]
+        assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED}
+        early = [e for e in errors if e is not None and e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED]
+        assert early, codes
+        assert all("deadline leaves" in (e.details() or "") for e in early)
+        m = scrape(srv)
+        assert m['model_lost_total{model="demo",reason="queue_full",version="1"}'] == len(early)
 
 
 def test_expired_deadlines_are_not_computed(demo_repo: Path) -> None:
