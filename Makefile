@@ -18,7 +18,7 @@ STUBS := scoring/v1/scoring_pb2.py scoring/v1/scoring_pb2_grpc.py scoring/v1/adm
 DEMO_MANIFEST := $(MODEL_REPO)/demo/1/manifest.json
 TYPED_DIRS := $(wildcard server tools loadtest bench tests dashboards)
 
-.PHONY: serve test lint typecheck bench stubs demo venv clean prometheus-installed
+.PHONY: serve test lint typecheck bench soak stubs demo venv clean prometheus-installed
 
 venv: $(RUNTIME_STAMP)
 
@@ -75,6 +75,14 @@ $(BENCH_STAMP): requirements-bench.txt $(RUNTIME_STAMP)
 bench: $(DEV_STAMP) $(BENCH_STAMP) $(STUBS) demo
 	$(BIN)/python -m bench --model-repo $(MODEL_REPO) --out bench_out
 	$(BIN)/python -m bench.compare --model-repo $(MODEL_REPO) --out bench_out
+	$(BIN)/python -m bench.overload --model-repo $(MODEL_REPO) --out bench_out
+	-$(BIN)/python -m bench.swaps --model-repo $(MODEL_REPO) --out bench_out
+	$(BIN)/python -m bench.cache_zipf --model-repo $(MODEL_REPO) --out bench_out
+	$(BIN)/python -m bench.workers_scale --model-repo $(MODEL_REPO) --out bench_out
+
+# 30 minutes at 70% of the sustainable rate with a hot swap every 5 minutes (not part of `make bench`).
+soak: $(DEV_STAMP) $(STUBS) demo
+	$(BIN)/python -m bench.soak --model-repo $(MODEL_REPO) --out bench_out --minutes 30
 
 clean:
 	rm -rf scoring $(VENV) .mypy_cache .ruff_cache .pytest_cache bench_out
