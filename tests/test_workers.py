@@ -17,7 +17,13 @@ def _serving_versions(srv: ServerProcess, workers: int) -> list[int]:
     for i in range(workers):
         with grpc.insecure_channel(f"127.0.0.1:{srv.admin_port + i}") as ch:
             stub = admin_pb2_grpc.ModelAdminStub(ch)  # type: ignore[no-untyped-call]
-            models = stub.ListModels(admin_pb2.ListModelsRequest(), timeout=10).models
+            try:
+                models = stub.ListModels(admin_pb2.ListModelsRequest(), timeout=10).models
+            except grpc.RpcError as err:
+                # A worker still starting has no admin port yet; the caller polls until all serve.
+                if err.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                models = []
             versions.append(models[0].serving_version if models else 0)
     return versions
 
