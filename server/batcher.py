@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import logging
 import math
-import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -32,7 +31,7 @@ from server.features import EncodedRequest, pad_batch
 
 log = logging.getLogger(__name__)
 
-RunFn = Callable[[dict[str, np.ndarray]], np.ndarray]
+RunFn = Callable[[dict[str, np.ndarray]], tuple[np.ndarray, float]]  # scores [B, N], compute seconds
 
 
 class QueueFull(Exception):
@@ -357,9 +356,7 @@ class Batcher:
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
-            t0 = time.perf_counter()
-            scores = await loop.run_in_executor(self._executor, self._run, inputs)
-            elapsed = time.perf_counter() - t0
+            scores, elapsed = await loop.run_in_executor(self._executor, self._run, inputs)
         except Exception as exc:
             log.error("engine failed on a batch of %d", len(batch), exc_info=True,
                       extra={"event": "engine_error", "batcher": self.name})

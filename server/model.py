@@ -70,7 +70,7 @@ class LoadedModel:
                                         "golden_max_abs_diff": golden_diff})
         thresholds = np.array([h.threshold for h in manifest.heads], np.float32)
         version_metrics = metrics.for_version(manifest.model, manifest.version, manifest.srcids, thresholds)
-        batcher = Batcher(runtime.run, config, name=f"{manifest.model}-v{manifest.version}",
+        batcher = Batcher(runtime.run_timed, config, name=f"{manifest.model}-v{manifest.version}",
                           on_batch=version_metrics.observe_batch)
         return LoadedModel(
             name=manifest.model,

@@ -9,7 +9,9 @@ by default.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +43,12 @@ class RuntimeOptions:
     shape_buckets: str = "auto"  # auto (on for CUDA) | on | off
     cuda_graphs: bool = False  # capture one CUDA graph per shape bucket (CUDA only; needs buckets)
 
+
+# On the CPU one session already uses every core: two running at once (a version warming up or
+# checking its golden requests while another serves) slow each other down and stall serving for
+# the whole load. CPU runs in this process therefore take turns: a warm-up batch waits for the
+# serving batch, and the other way round.
+_CPU_TURNS = threading.Lock()
 
 LENGTH_STEP = 16
 INPUTS = ("input_ids", "attention_mask", "token_type_ids", "site_id", "ner_ids", "industry_id")
@@ -168,6 +176,18 @@ class ModelRuntime:
 
     def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         """Scores [B, N] float32 for a padded batch."""
+        return self.run_timed(inputs)[0]
+
+    def run_timed(self, inputs: dict[str, np.ndarray]) -> tuple[np.ndarray, float]:
+        """Scores and the seconds the engine computed them in (not counting the wait for a turn)."""
+        turn: contextlib.AbstractContextManager[object] = (
+            _CPU_TURNS if self.provider == CPU else contextlib.nullcontext())
+        with turn:
+            t0 = time.perf_counter()
+            scores = self._run(inputs)
+            return scores, time.perf_counter() - t0
+
+    def _run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         batch = inputs["input_ids"].shape[0]
         if self.buckets is not None:
             inputs = self.buckets.pad(inputs)
