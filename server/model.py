@@ -31,12 +31,13 @@ class ModelState(enum.Enum):
 
 
 def warm_up_shapes(manifest: Manifest, config: BatcherConfig) -> list[tuple[int, int]]:
-    """The (batch, length) shapes the batcher produces at the corners of its range."""
-    longest = manifest.max_seq_len
-    widest = max(1, min(config.max_batch_size, config.max_batch_tokens // 32))
-    shapes = [(1, 8), (1, longest), (widest, 32), (max(1, min(config.max_batch_size,
-                                                               config.max_batch_tokens // longest)), longest)]
-    return list(dict.fromkeys(shapes))
+    """The batcher's extremes, each run cheaply: one item at the shortest and longest length, and the
+    widest batch of short items. Every kernel is initialised before SERVING; the memory arena grows
+    later in steps of milliseconds. A full-size batch is left out on purpose: during a hot swap each
+    warm-up run takes a turn from the serving version (runtime._CPU_TURNS), so every run must be short.
+    With shape buckets (GPU) every bucket is warmed instead (ModelRuntime.warm_up_shapes)."""
+    widest = max(1, min(config.max_batch_size, config.max_batch_tokens // 16))
+    return list(dict.fromkeys([(1, 8), (1, manifest.max_seq_len), (widest, 16)]))
 
 
 @dataclass
