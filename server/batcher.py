@@ -188,12 +188,8 @@ class Batcher:
     def queue_depth(self) -> int:
         return len(self._queue)
 
-    @property
-    def queued_work_seconds(self) -> float | None:
-        """Estimated engine time of the queued items; None until a batch has been timed."""
-        return self._work_seconds(len(self._queue), self._queued_tokens)
-
     def _work_seconds(self, items: int, tokens: int) -> float | None:
+        """Estimated engine time of `items` queued items; None until a batch has been timed."""
         if self._seconds_per_token is None:
             return None
         batches = math.ceil(items / self.config.max_batch_size)
