@@ -21,8 +21,7 @@ import grpc
 from bench.server import ServerProcess, batch_stats
 from bench.sysmon import CpuMonitor
 from loadtest.openloop import LoadConfig, run_open_loop
-
-KEEP_UP = 0.95
+from loadtest.sweep import KEEP_UP, judge  # one rule for every sweep
 
 
 @dataclass(frozen=True)
@@ -37,18 +36,6 @@ class SweepConfig:
     noisy_cores: float = 0.3
     max_reruns: int = 2
     max_fraction: float = 3.0
-
-
-def judge(summary: dict[str, Any], p99_bound_ms: float) -> tuple[bool, str]:
-    failures = summary["failures"]
-    if failures:
-        return False, "failures: " + ", ".join(f"{k} {v}" for k, v in failures.items())
-    if summary["achieved_rate"] < KEEP_UP * summary["offered_rate"]:
-        return False, f"achieved {summary['achieved_rate']:.1f}/s of {summary['offered_rate']:.1f}/s offered"
-    p99 = summary["latency"]["p99_ms"]
-    if p99 is None or p99 > p99_bound_ms:
-        return False, f"p99 {p99} ms over the {p99_bound_ms:.0f} ms bound"
-    return True, "ok"
 
 
 async def run_step(

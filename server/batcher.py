@@ -54,8 +54,9 @@ class EngineFailed(Exception):
 # throughput peaks at batch 16 and falls beyond it, while a GPU needs wide batches to fill.
 CPU_MAX_BATCH_SIZE = 16
 GPU_MAX_BATCH_SIZE = 64
-# Fixed cost of one engine run, in padded-token equivalents: ~3 ms per run against ~0.12 ms per
-# token on this CPU. On a GPU a run's fixed cost dominates, so batches are filled regardless.
+# Fixed cost of one engine run, in padded-token equivalents: fitted to `make bench`'s raw engine
+# table (batch 1 vs batch 16, length-grouped) on a 2-core Intel Xeon: ~3 ms per run against ~0.12 ms
+# per token. On a GPU a run's fixed cost dominates, so batches are filled regardless (not measured).
 CPU_BATCH_OVERHEAD_TOKENS = 24
 GPU_BATCH_OVERHEAD_TOKENS = 4096
 
