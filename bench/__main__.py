@@ -26,7 +26,17 @@ import numpy as np
 from bench.build import time_build
 from bench.data import DEFAULT_DATA, REPO_ROOT, load_pairs
 from bench.docs import benchmarks_md, merge_into
-from bench.engine import Engine, agreement, load_engine, make_workload, probe, throughput_sweep
+from bench.engine import (
+    Engine,
+    agreement,
+    arrangement,
+    arrangement_flags,
+    describe,
+    load_engine,
+    make_workload,
+    probe,
+    throughput_sweep,
+)
 from bench.plots import SERVER_PNG, THROUGHPUT_PNG, plot_server, plot_throughput
 from bench.report import headline_rows, overhead_analysis, summary_markdown
 from bench.server import ServerProcess, ServerSpec, server_flags
@@ -61,7 +71,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, default=Path("bench_out"), help="output folder")
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA,
                     help="JSONL query/title pairs (synthetic pairs when absent) [default: %(default)s]")
-    ap.add_argument("--threads", type=int, default=2, help="ORT intra-op threads, offline and in the server")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="ORT threads per run, offline and in the server (0 = the server's CPU default: one "
+                         "thread per run, one run at a time per core)")
     ap.add_argument("--batch-sizes", type=ints, default=[1, 8, 16, 32, 64])
     ap.add_argument("--agreement-pairs", type=int, default=1000)
     ap.add_argument("--engine-rounds", type=int, default=3, help="interleaved rounds per configuration")
@@ -78,7 +90,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--max-reruns", type=int, default=2,
                     help="per sweep: steps run again because other processes used > 0.3 cores meanwhile")
     ap.add_argument("--probe-s", type=float, default=2.0, help="raw-engine re-measure before each step (0 = off)")
-    ap.add_argument("--what-if", default="--max-batch-size 8;--ort-spin 0;--intra-op-threads 1",
+    ap.add_argument("--what-if", default="--max-batch-size 8;--intra-op-threads 2 --engine-lanes 1",
                     help="';'-separated server flag sets, each run at the --what-if-fractions ('' = none)")
     ap.add_argument("--what-if-fractions", type=floats, default=[0.5, 1.0])
     ap.add_argument("--what-if-step-s", type=float, default=10.0)
@@ -111,9 +123,12 @@ def data_stats(items: list[EncodedRequest]) -> dict[str, float]:
 
 
 def common_server_flags(args: argparse.Namespace, version: int) -> list[str]:
-    flags = ["--precision", "fp32", "--intra-op-threads", str(args.threads), "--pin", f"{args.model}={version}",
+    supported = server_flags(args.server_cwd)
+    threads = arrangement_flags(args.threads) if "--engine-lanes" in supported else [
+        "--intra-op-threads", str(args.threads or 2)]  # an older checkout: one run of every core
+    flags = ["--precision", "fp32", *threads, "--pin", f"{args.model}={version}",
              "--poll-interval-s", "0", "--max-connection-age-s", "3600", "--log-level", "WARNING"]
-    if "--cache-bytes" in server_flags(args.server_cwd):
+    if "--cache-bytes" in supported:
         flags += ["--cache-bytes", "0"]  # replayed pairs must reach the engine, not a result cache
     return flags
 
@@ -240,8 +255,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         b = results["build"]
         log(f"  {'built' if b['ok'] else 'FAILED'} in {b['seconds']:.1f} s {b.get('file_mib', '')}")
 
-    engines: dict[str, Engine] = {p: load_engine(version_dir, manifest, p, args.threads) for p in ("fp32", "int8")
-               if p in manifest.precisions}
+    engines: dict[str, Engine] = {p: load_engine(version_dir, manifest, p, *arrangement(args.threads))
+                                  for p in ("fp32", "int8") if p in manifest.precisions}
     log("sessions loaded: " + ", ".join(f"{p} {e.load_seconds:.1f} s" for p, e in engines.items()))
     rng = random.Random(3)
     if "agreement" not in args.skip and "int8" in engines:
@@ -261,7 +276,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"≥ {args.engine_min_s} s each")
         results["engine"] = throughput_sweep(engines, items, args.batch_sizes, rounds=args.engine_rounds,
                                              min_seconds=args.engine_min_s, progress=log)
-        results["engine"]["threads"] = args.threads
+        results["engine"]["threads"], results["engine"]["lanes"] = arrangement(args.threads)
+        results["engine"]["arrangement"] = describe(args.threads)
         log("  best: " + "; ".join(f"{p} {v['samples_per_s']:.1f}/s at batch {v['batch_size']}"
                                    for p, v in results["engine"]["best"].items()))
 

@@ -40,7 +40,7 @@ import matplotlib.pyplot as plt
 
 from bench.data import DEFAULT_DATA, REPO_ROOT, Pair, load_pairs
 from bench.docs import merge_section
-from bench.engine import load_engine, throughput_sweep
+from bench.engine import arrangement, arrangement_flags, describe, load_engine, throughput_sweep
 from bench.server import ServerProcess, ServerSpec, metric_sum
 from bench.serverload import SweepConfig, next_fraction, run_step, sweep
 from bench.sysmon import machine_info
@@ -108,13 +108,14 @@ def load_model_data(model_repo: Path, model: str, data: Path) -> ModelData:
 def engine_limit(data: ModelData, threads: int, batch_sizes: Sequence[int], rounds: int,
                  min_seconds: float, progress: Callable[[str], None] = log) -> dict[str, Any]:
     """The raw ONNX Runtime fp32 throughput at its best batch size (bench.engine), the server's ceiling."""
-    engine = load_engine(data.version_dir, data.manifest, "fp32", threads)
+    engine = load_engine(data.version_dir, data.manifest, "fp32", *arrangement(threads))
     table = throughput_sweep({"fp32": engine}, data.items, batch_sizes, arrival_order_precisions=(),
                              rounds=rounds, min_seconds=min_seconds, progress=progress)
     del engine
     gc.collect()  # the session's arenas and threads go before any server starts
     best = table["best"]["fp32"]
     return {"limit": best["samples_per_s"], "batch_size": best["batch_size"], "threads": threads,
+            "arrangement": describe(threads),
             "rounds": rounds, "min_seconds": min_seconds,
             "by_batch": {bs: row["samples_per_s"] for bs, row in table["grouped"]["fp32"].items()},
             "table": table}
@@ -124,7 +125,7 @@ def server_flags(version: int, model: str, threads: int, extra: Sequence[str] = 
     """As bench/__main__.py runs the server: fp32, pinned, no polling, no reconnects during a step."""
     return ["--precision", "fp32", "--pin", f"{model}={version}", "--poll-interval-s", "0",
             "--max-connection-age-s", "3600", "--log-level", "WARNING",
-            *(["--intra-op-threads", str(threads)] if threads else []), *extra]
+            *arrangement_flags(threads), *extra]
 
 
 LIVE: list[ServerProcess] = []  # every server this run started, stopped again at exit whatever happened
@@ -304,7 +305,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--stream-requests", type=int, default=6000,
                     help="requests per cached step, from a cold cache (fixes the stream's hit rate)")
     ap.add_argument("--seed", type=int, default=7, help="ranking and Zipf draws")
-    ap.add_argument("--threads", type=int, default=2, help="ORT intra-op threads, offline and in the server")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="ORT threads per run, offline and in the server (0 = the server's CPU default)")
     ap.add_argument("--batch-sizes", type=ints, default=[1, 8, 16, 32])
     ap.add_argument("--engine-rounds", type=int, default=2)
     ap.add_argument("--engine-min-s", type=float, default=1.5)
@@ -528,9 +530,10 @@ def markdown(results: dict[str, Any]) -> str:
             f"{st['tokens_mean_catalogue']:.1f} over the distinct inputs."),
         "",
         "**Method.** Raw engine: `bench.engine.throughput_sweep`, fp32, length-grouped batches, "
-        f"{eng['threads']} intra-op threads, {eng['rounds']} interleaved rounds of ≥ {eng['min_seconds']} s, "
+        f"{eng.get('arrangement', str(eng['threads']) + ' intra-op threads')}, "
+        f"{eng['rounds']} interleaved rounds of ≥ {eng['min_seconds']} s, "
         "median; the limit is the best batch size. Server: `python -m server --precision fp32 "
-        f"--intra-op-threads {a['threads']}` (pinned, no polling), driven by `loadtest.openloop` (Poisson "
+        f"{' '.join(arrangement_flags(a['threads']))}` (pinned, no polling), driven by `loadtest.openloop` (Poisson "
         "arrivals, latency from the scheduled send, pre-serialized requests, one channel). Cache off: "
         f"`bench.serverload.sweep`, steps of {a['step_s']:g} s. Cache on: the same step "
         "(`bench.serverload.run_step`) and bisection (`next_fraction`), each step lasting "

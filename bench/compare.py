@@ -1,12 +1,13 @@
 """python -m bench.compare --model-repo model_repo --out bench_out [--quick] [--p99-objective-ms 100]
 
 This service against its peers on the same model (the demo version's fp32 graph), tokenizer, ORT options
-(2 intra-op threads) and machine, with the same query/title pairs, in one run:
+(by default 1 intra-op thread per run and one run per core at a time; Ray Serve as one replica per core)
+and machine, with the same query/title pairs, in one run:
 
 - the raw engine alone: ONNX Runtime on length-grouped batches at its best batch size (the ceiling);
 - a naive gRPC server (`bench.peers.naive_server`): one `InferenceSession.run` per request;
 - Ray Serve (`bench.peers.ray_peer`): its gRPC proxy and a `@serve.batch` deployment;
-- this service (`python -m server`, fp32, 2 threads, result cache off).
+- this service (`python -m server`, fp32, its default CPU arrangement, result cache off).
 
 Every server gets the same open-loop Poisson load from `loadtest.openloop` with the same serialized
 requests; `loadtest.sweep.find_max_rate` finds the highest rate each sustains with p99 ≤ the objective.
@@ -34,7 +35,7 @@ import grpc
 from bench.__main__ import common_server_flags
 from bench.data import DEFAULT_DATA, REPO_ROOT, load_pairs
 from bench.docs import merge_section
-from bench.engine import load_engine, make_workload, probe, throughput_sweep
+from bench.engine import arrangement, describe, load_engine, make_workload, probe, throughput_sweep
 from bench.peers.procs import PeerProcess, TreeCpuMonitor, tree_memory_mib
 from bench.server import ServerProcess, ServerSpec, free_port
 from bench.sysmon import machine_info
@@ -70,7 +71,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--model", default="demo")
     ap.add_argument("--out", type=Path, default=Path("bench_out"), help="results go to <out>/compare/")
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="JSONL query/title pairs (synthetic when absent)")
-    ap.add_argument("--threads", type=int, default=2, help="ORT intra-op threads, in every system")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="ORT threads per run in every system (0 = the service's CPU default: one thread per "
+                         "run, one run at a time per core)")
     # 100 ms: a scoring call sits inside a search request's budget, so tens of ms is the aim and 100 ms the
     # ceiling; on this 2-core CPU one batch at the raw engine's best size already takes ~70 ms, so a tighter
     # objective would leave no room for batching at all and a looser one would hide queueing.
@@ -160,7 +163,7 @@ def make_systems(args: argparse.Namespace, out_dir: Path, version_dir: Path, ver
         elif name == "naive":
             port = free_port()
             cmd = ["-m", "bench.peers.naive_server", "--version-dir", str(version_dir), "--port", str(port),
-                   "--threads", str(args.threads), "--workers", str(args.naive_workers)]
+                   "--threads", str(arrangement(args.threads)[0]), "--workers", str(args.naive_workers)]
             systems.append(System(name, PeerProcess(name, cmd, port, probe, cwd=REPO_ROOT, log_path=log_path),
                                   {"workers": args.naive_workers, "batching": "none"}))
         else:
@@ -174,9 +177,11 @@ def make_ray(args: argparse.Namespace, out_dir: Path, version_dir: Path, probe: 
     port = free_port()
     cfg = {"max_batch_size": max_batch_size, "batch_wait_timeout_ms": batch_wait_ms,
            "max_ongoing_requests": args.ray_max_ongoing_requests, "num_cpus": args.ray_num_cpus,
-           "replicas": 1, "ray": _ray_version()}
+           "replicas": arrangement(args.threads)[1], "threads": arrangement(args.threads)[0],
+           "ray": _ray_version()}
     cmd = ["-m", "bench.peers.ray_peer", "--version-dir", str(version_dir), "--grpc-port", str(port),
-           "--http-port", str(free_port()), "--threads", str(args.threads), "--num-cpus", str(args.ray_num_cpus),
+           "--http-port", str(free_port()), "--threads", str(cfg["threads"]), "--replicas", str(cfg["replicas"]),
+           "--num-cpus", str(args.ray_num_cpus),
            "--max-batch-size", str(max_batch_size), "--batch-wait-ms", str(batch_wait_ms),
            "--max-ongoing-requests", str(args.ray_max_ongoing_requests)]
     md = (("application", RAY_APP),)
@@ -406,7 +411,8 @@ def markdown(results: dict[str, Any], plot: str | None) -> str:
         f"{m['usable_cpus']} CPUs, load average at start {' '.join(m['loadavg_at_start'])}). Every system runs the "
         f"demo model's fp32 graph ({results['model']['heads']} heads) with the same tokenizer and vocabularies "
         "(`server.features.FeatureEncoder`) and the same ONNX Runtime options (full graph optimization, "
-        f"{a['threads']} intra-op threads), on {results['data']['pairs']} {results['data']['kind']} query/title "
+        f"{describe(a['threads'])}: one session running that many batches at once; Ray Serve as "
+        f"that many replicas), on {results['data']['pairs']} {results['data']['kind']} query/title "
         "pairs, and every server gets the same open-loop Poisson load (`loadtest.openloop`, the same serialized "
         "requests, one gRPC channel, latency from the scheduled send time) from a generator on the same "
         "2 cores.",
@@ -602,7 +608,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                        "kind": "real" if real else "synthetic", "pairs": len(items)}
     log(f"data: {results['data']['source']}, {len(items)} pairs; model {manifest.model} v{manifest.version} fp32")
 
-    engine = load_engine(version_dir, manifest, "fp32", args.threads)
+    engine = load_engine(version_dir, manifest, "fp32", *arrangement(args.threads))
     log(f"raw engine: batch sizes {args.batch_sizes}, {args.engine_rounds} round(s) of ≥ {args.engine_min_s:g} s")
     sweep = throughput_sweep({"fp32": engine}, items, args.batch_sizes, arrival_order_precisions=(),
                              rounds=args.engine_rounds, min_seconds=args.engine_min_s, progress=log)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from scipy.stats import spearmanr
 from bench.sysmon import CpuMonitor
 from server.features import EncodedRequest, pad_batch
 from server.manifest import Manifest
+from server.resources import cpu_limit
 
 Batch = dict[str, np.ndarray]
 
@@ -30,13 +32,33 @@ class Engine:
     precision: str
     session: ort.InferenceSession
     load_seconds: float
+    threads: int = 1  # intra-op threads per run
+    lanes: int = 1  # runs at once on the one session, as the server's batcher runs them
 
     def run(self, inputs: Batch) -> np.ndarray:
         scores: np.ndarray = self.session.run(["scores"], inputs)[0]
         return scores
 
 
-def load_engine(version_dir: Path, manifest: Manifest, precision: str, threads: int) -> Engine:
+def arrangement(threads: int = 0) -> tuple[int, int]:
+    """(threads per run, lanes) as the server picks them on the CPU (server.runtime.ModelRuntime):
+    `threads` 0 = one thread per run and one lane per usable core."""
+    t = threads or 1
+    return t, max(1, cpu_limit() // t)
+
+
+def arrangement_flags(threads: int = 0) -> list[str]:
+    """The server flags for `arrangement(threads)`, so the server runs as the raw engine was measured."""
+    t, lanes = arrangement(threads)
+    return ["--intra-op-threads", str(t), "--engine-lanes", str(lanes)]
+
+
+def describe(threads: int = 0) -> str:
+    t, lanes = arrangement(threads)
+    return f"{lanes} lane{'s' if lanes > 1 else ''} x {t} intra-op thread{'s' if t > 1 else ''}"
+
+
+def load_engine(version_dir: Path, manifest: Manifest, precision: str, threads: int, lanes: int = 1) -> Engine:
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.intra_op_num_threads = threads
@@ -46,7 +68,7 @@ def load_engine(version_dir: Path, manifest: Manifest, precision: str, threads: 
     t0 = time.perf_counter()
     session = ort.InferenceSession(str(version_dir / manifest.precisions[precision]), so,
                                    providers=["CPUExecutionProvider"])
-    return Engine(precision, session, time.perf_counter() - t0)
+    return Engine(precision, session, time.perf_counter() - t0, threads, lanes)
 
 
 def length_grouped(items: Sequence[EncodedRequest], batch_size: int) -> list[list[EncodedRequest]]:
@@ -143,7 +165,17 @@ class Timing:
 
 
 def time_workload(engine: Engine, work: Workload, min_seconds: float, start_at: int = 0) -> Timing:
-    """Runs batches (cycling from `start_at`) until `min_seconds` have passed and at least 2 batches ran."""
+    """Runs batches (cycling from `start_at`) until `min_seconds` have passed and at least 2 batches ran;
+    with lanes, that many threads do so at once on the one session (each from its own offset)."""
+    if engine.lanes > 1:
+        with ThreadPoolExecutor(engine.lanes) as pool:
+            parts = list(pool.map(lambda k: _time_lane(engine, work, min_seconds, start_at + k * 97),
+                                  range(engine.lanes)))
+        return Timing(sum(p.samples for p in parts), sum(p.batches for p in parts), max(p.seconds for p in parts))
+    return _time_lane(engine, work, min_seconds, start_at)
+
+
+def _time_lane(engine: Engine, work: Workload, min_seconds: float, start_at: int) -> Timing:
     samples = n = 0
     t0 = time.perf_counter()
     while True:

@@ -41,6 +41,7 @@ import numpy as np
 
 from bench.data import DEFAULT_DATA, REPO_ROOT, load_pairs
 from bench.docs import merge_section
+from bench.engine import arrangement_flags
 from bench.server import ServerProcess, ServerSpec, metric_sum, server_flags
 from bench.serverload import SweepConfig, sweep
 from bench.sysmon import CpuMonitor, machine_info
@@ -72,7 +73,8 @@ def add_common_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--out", type=Path, default=Path("bench_out"), help="output root; results in <out>/<tool>/")
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA,
                     help="JSONL query/title pairs (synthetic pairs when absent) [default: %(default)s]")
-    ap.add_argument("--threads", type=int, default=2, help="server --intra-op-threads")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="server --intra-op-threads, with --engine-lanes to fill the cores (0 = the server's default)")
     ap.add_argument("--server-args", default="", help="extra server flags, e.g. '--max-batch-size 8'")
     ap.add_argument("--timeout-s", type=float, default=5.0, help="gRPC deadline of every call")
     ap.add_argument("--rate", type=float, default=None,
@@ -88,7 +90,7 @@ def add_common_args(ap: argparse.ArgumentParser) -> None:
 def throughput_flags(args: argparse.Namespace) -> list[str]:
     """Server flags that decide throughput, as `make bench` runs the server (fp32, result cache off so
     replayed pairs reach the engine, long connection age so the channel never reconnects mid-run)."""
-    flags = ["--precision", "fp32", "--intra-op-threads", str(args.threads), "--max-connection-age-s", "3600"]
+    flags = ["--precision", "fp32", *arrangement_flags(args.threads), "--max-connection-age-s", "3600"]
     if "--cache-bytes" in server_flags(REPO_ROOT):
         flags += ["--cache-bytes", "0"]
     return [*flags, *args.server_args.split()]

@@ -47,7 +47,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     _flag(ap, "--device", str, d_rt.device, "auto | cpu | cuda", choices=["auto", "cpu", "cuda"])
     _flag(ap, "--precision", str, d_rt.precision, "auto (fp16 on GPU, fp32 on CPU) | fp32 | int8 | fp16",
           choices=["auto", "fp32", "int8", "fp16"])
-    _flag(ap, "--intra-op-threads", int, d_rt.intra_op_threads, "ORT threads (0 = CPUs the container may use)")
+    _flag(ap, "--intra-op-threads", int, d_rt.intra_op_threads,
+          "ORT threads per engine run (0 = by device: 1 on CPU, the CPUs the container may use on GPU)")
+    _flag(ap, "--engine-lanes", int, d_rt.engine_lanes,
+          "batches the engine runs at once (0 = by device: usable CPUs // threads on CPU, 1 on GPU)")
     _flag(ap, "--inter-op-threads", int, d_rt.inter_op_threads, "ORT inter-op threads")
     _flag(ap, "--ort-spin", int, int(d_rt.spin), "1 = ORT threads spin while waiting for work; 0 = they sleep")
     _flag(ap, "--shape-buckets", str, d_rt.shape_buckets,
@@ -102,7 +105,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             repo=args.model_repo,
             default_model=args.default_model,
             runtime=RuntimeOptions(device=args.device, precision=args.precision,
-                                   intra_op_threads=args.intra_op_threads, inter_op_threads=args.inter_op_threads,
+                                   intra_op_threads=args.intra_op_threads, engine_lanes=args.engine_lanes,
+                                   inter_op_threads=args.inter_op_threads,
                                    spin=bool(args.ort_spin), shape_buckets=args.shape_buckets,
                                    cuda_graphs=bool(args.cuda_graphs)),
             batcher=BatcherConfig(max_batch_size=args.max_batch_size, max_batch_tokens=args.max_batch_tokens,

@@ -11,8 +11,8 @@ Shape of the loop (after text-embeddings-inference's queue/infer split):
   items whose client went away or whose deadline passed, and builds a batch around the oldest
   item from its neighbours in length (see `BatchCost`), within `max_batch_size` and
   `max_batch_tokens`;
-- the padded batch is prepared while the previous one still runs; one batch runs at a time,
-  on a dedicated thread, because the engine already uses every core.
+- the padded batch is prepared while the previous one still runs; up to `lanes` batches run at
+  once, each on its own thread (on the CPU, one single-threaded run per core: runtime.ModelRuntime).
 """
 
 from __future__ import annotations
@@ -164,6 +164,7 @@ class Batcher:
         *,
         name: str = "batcher",
         on_batch: Callable[[BatchStats], None] = _no_stats,
+        lanes: int = 1,
     ) -> None:
         if config.max_batch_size == 0 or config.batch_overhead_tokens == 0:
             config = config.for_device(on_gpu=False)
@@ -174,11 +175,12 @@ class Batcher:
         self._on_batch = on_batch
         self._queue: list[_Pending] = []
         self._changed = asyncio.Event()
-        self._engine_busy = False
+        self.lanes = max(1, lanes)
+        self._running = 0  # batches on the engine
         self._closed = False
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ort-{name}")
+        self._executor = ThreadPoolExecutor(max_workers=self.lanes, thread_name_prefix=f"ort-{name}")
         self._task: asyncio.Task[None] | None = None
-        self._inflight: asyncio.Task[None] | None = None
+        self._inflight: set[asyncio.Task[None]] = set()
         self.batches_run = 0
         self._seconds_per_token: float | None = None  # engine time per cost unit, smoothed over batches
         self._queued_tokens = 0
@@ -190,15 +192,16 @@ class Batcher:
         return len(self._queue)
 
     def _work_seconds(self, items: int, tokens: int) -> float | None:
-        """Estimated engine time of `items` queued items; None until a batch has been timed."""
+        """Estimated time for the engine's lanes to run `items` queued items; None until a batch has
+        been timed."""
         if self._seconds_per_token is None:
             return None
         batches = math.ceil(items / self.config.max_batch_size)
-        return (tokens + batches * self.cost.overhead) * self._seconds_per_token
+        return (tokens + batches * self.cost.overhead) * self._seconds_per_token / self.lanes
 
     @property
     def idle(self) -> bool:
-        return not self._queue and not self._engine_busy
+        return not self._queue and self._running == 0
 
     def start(self) -> None:
         if self._task is None:
@@ -265,14 +268,16 @@ class Batcher:
                 if not batch:
                     continue
                 inputs = pad_batch([p.item for p in batch])
-                while self._engine_busy:  # the next batch is ready; wait for the engine
+                while self._running >= self.lanes:  # the next batch is ready; wait for a lane
                     await self._wait_change(None)
                 batch, inputs = self._recheck(batch, inputs, loop.time())
                 if batch:
-                    self._engine_busy = True
-                    self._inflight = loop.create_task(self._execute(batch, inputs))
-            if self._inflight is not None:
-                await self._inflight
+                    self._running += 1
+                    task = loop.create_task(self._execute(batch, inputs))
+                    self._inflight.add(task)
+                    task.add_done_callback(self._inflight.discard)
+            if self._inflight:
+                await asyncio.gather(*self._inflight)
         except asyncio.CancelledError:
             self._fail_all(BatcherClosed(f"{self.name} stopped"))
             raise
@@ -287,8 +292,8 @@ class Batcher:
         """True when a batch should be formed now; False after waiting for something to change."""
         if len(self._queue) >= self.config.max_batch_size:
             return True  # a full batch is prepared even while the engine still runs the last one
-        if self._engine_busy:
-            # Partial batch while the engine works: keep collecting until it is free.
+        if self._running >= self.lanes:
+            # Partial batch while every lane works: keep collecting until one is free.
             await self._wait_change(None)
             return False
         if self._closed:
@@ -378,7 +383,7 @@ class Batcher:
                 )
             )
         finally:
-            self._engine_busy = False
+            self._running -= 1
             self._changed.set()
 
     def _observe_cost(self, seconds_per_token: float) -> None:

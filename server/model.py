@@ -34,7 +34,7 @@ def warm_up_shapes(manifest: Manifest, config: BatcherConfig) -> list[tuple[int,
     """The batcher's extremes, each run cheaply: one item at the shortest and longest length, and the
     widest batch of short items. Every kernel is initialised before SERVING; the memory arena grows
     later in steps of milliseconds. A full-size batch is left out on purpose: during a hot swap each
-    warm-up run takes a turn from the serving version (runtime._CPU_TURNS), so every run must be short.
+    warm-up run takes cores from the serving version (runtime.CoreBudget), so every run must be short.
     With shape buckets (GPU) every bucket is warmed instead (ModelRuntime.warm_up_shapes)."""
     widest = max(1, min(config.max_batch_size, config.max_batch_tokens // 16))
     return list(dict.fromkeys([(1, 8), (1, manifest.max_seq_len), (widest, 16)]))
@@ -68,11 +68,12 @@ class LoadedModel:
         log.info("model warmed", extra={"event": "model_warmed", "model": manifest.model,
                                         "version": manifest.version, "seconds": round(seconds, 3),
                                         "provider": runtime.provider, "precision": runtime.precision,
+                                        "threads": runtime.threads, "lanes": runtime.lanes,
                                         "golden_max_abs_diff": golden_diff})
         thresholds = np.array([h.threshold for h in manifest.heads], np.float32)
         version_metrics = metrics.for_version(manifest.model, manifest.version, manifest.srcids, thresholds)
         batcher = Batcher(runtime.run_timed, config, name=f"{manifest.model}-v{manifest.version}",
-                          on_batch=version_metrics.observe_batch)
+                          on_batch=version_metrics.observe_batch, lanes=runtime.lanes)
         return LoadedModel(
             name=manifest.model,
             version=manifest.version,

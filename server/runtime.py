@@ -13,6 +13,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +37,8 @@ class EngineError(RuntimeError):
 class RuntimeOptions:
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto | fp32 | int8 | fp16
-    intra_op_threads: int = 0  # 0 = ONNX Runtime's default (one per physical core)
+    intra_op_threads: int = 0  # per run; 0 = by device: 1 on CPU, every usable core on GPU
+    engine_lanes: int = 0  # batches run at once; 0 = by device: usable cores // threads on CPU, 1 on GPU
     inter_op_threads: int = 1
     cuda_device_id: int = 0
     spin: bool = True  # ORT worker threads busy-wait for work between and inside runs
@@ -44,11 +46,34 @@ class RuntimeOptions:
     cuda_graphs: bool = False  # capture one CUDA graph per shape bucket (CUDA only; needs buckets)
 
 
-# On the CPU one session already uses every core: two running at once (a version warming up or
-# checking its golden requests while another serves) slow each other down and stall serving for
-# the whole load. CPU runs in this process therefore take turns: a warm-up batch waits for the
-# serving batch, and the other way round.
-_CPU_TURNS = threading.Lock()
+class CoreBudget:
+    """The usable cores, handed out to CPU runs: a run takes as many as it has threads.
+
+    The serving version's lanes already fill every core; a version warming up or checking its golden
+    requests beside it would oversubscribe them and stall serving for the whole load. CPU runs in this
+    process therefore wait for cores: a warm-up batch waits for a lane's batch, and the other way round.
+    """
+
+    def __init__(self, cores: int) -> None:
+        self.cores = max(1, cores)
+        self._free = self.cores
+        self._cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, cores: int) -> Iterator[None]:
+        cores = min(max(1, cores), self.cores)
+        with self._cond:
+            self._cond.wait_for(lambda: self._free >= cores)
+            self._free -= cores
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._free += cores
+                self._cond.notify_all()
+
+
+_CPU_CORES = CoreBudget(cpu_limit())
 
 LENGTH_STEP = 16
 INPUTS = ("input_ids", "attention_mask", "token_type_ids", "site_id", "ner_ids", "industry_id")
@@ -127,7 +152,14 @@ class ModelRuntime:
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # 0 would let ORT count the node's cores; inside a container, count what we may use.
-        so.intra_op_num_threads = options.intra_op_threads or cpu_limit()
+        # On the CPU the default is several single-threaded runs at once (lanes) rather than one run
+        # over every core: a one-thread run never waits at a barrier for a thread that the event loop
+        # preempted. Measured on 2 cores (docs/operations.md): 2 lanes x 1 thread give 1.1-1.3x the
+        # throughput of 1 x 2 threads, and lose less to a busy front end.
+        cores = cpu_limit()
+        self.threads = options.intra_op_threads or (cores if want_cuda else 1)
+        self.lanes = options.engine_lanes or (1 if want_cuda else max(1, cores // self.threads))
+        so.intra_op_num_threads = self.threads
         so.inter_op_num_threads = options.inter_op_threads
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         if not options.spin:
@@ -179,9 +211,10 @@ class ModelRuntime:
         return self.run_timed(inputs)[0]
 
     def run_timed(self, inputs: dict[str, np.ndarray]) -> tuple[np.ndarray, float]:
-        """Scores and the seconds the engine computed them in (not counting the wait for a turn)."""
-        turn: contextlib.AbstractContextManager[object] = (
-            _CPU_TURNS if self.provider == CPU else contextlib.nullcontext())
+        """Scores and the seconds the engine computed them in (not counting the wait for cores).
+        Up to `lanes` calls may run at once."""
+        turn: contextlib.AbstractContextManager[None] = (
+            _CPU_CORES.hold(self.threads) if self.provider == CPU else contextlib.nullcontext())
         with turn:
             t0 = time.perf_counter()
             scores = self._run(inputs)

@@ -92,7 +92,7 @@ def run_server(
     grpc_port, metrics_port, admin_port = free_port(), free_port(), free_port()
     cmd = [sys.executable, "-m", "server", "--model-repo", str(repo), "--host", "127.0.0.1",
            "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port), "--admin-port", str(admin_port),
-           "--intra-op-threads", "2", *extra]
+           *extra]
     # The time-based queue bound estimates engine speed from recent batches; on a shared CI machine that
     # estimate is noise, so tests switch it off unless they test it (a command-line flag wins over this).
     defaults = {"SCORING_MAX_QUEUE_WAIT_MS": "0"}

@@ -1,0 +1,101 @@
+"""Engine lanes: on the CPU the batcher runs several single-threaded batches at once on one session.
+
+The lanes must give the same scores as one run at a time, really overlap, and never hold more cores
+than the process may use, whichever versions the runs belong to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from server.batcher import Batcher, BatcherConfig
+from server.features import FeatureEncoder, pad_batch
+from server.manifest import read_manifest
+from server.resources import cpu_limit
+from server.runtime import CoreBudget, ModelRuntime, RuntimeOptions
+from tests.helpers import build_small_model
+
+QUERIES = ["北京天气", "上海到杭州的高铁", "感冒了吃什么药好得快", "苹果", "如何办理护照", "酒店预订"]
+
+
+def _runtime(version_dir: Path, threads: int = 0, lanes: int = 0) -> tuple[ModelRuntime, FeatureEncoder]:
+    manifest = read_manifest(version_dir)
+    options = RuntimeOptions(device="cpu", intra_op_threads=threads, engine_lanes=lanes)
+    return ModelRuntime(version_dir, manifest, options), FeatureEncoder(version_dir, manifest)
+
+
+def test_cpu_default_is_one_thread_per_lane_and_a_lane_per_core(tmp_path: Path) -> None:
+    runtime, _ = _runtime(build_small_model(tmp_path))
+    assert (runtime.threads, runtime.lanes) == (1, cpu_limit())
+    explicit, _ = _runtime(tmp_path / "tiny" / "1", threads=2)
+    assert (explicit.threads, explicit.lanes) == (2, max(1, cpu_limit() // 2))
+
+
+def test_lanes_overlap_and_score_as_one_run_at_a_time(tmp_path: Path) -> None:
+    runtime, features = _runtime(build_small_model(tmp_path), threads=1, lanes=2)
+    items = [features.encode(q, "标题") for q in QUERIES]
+    alone = np.concatenate([runtime.run(pad_batch([it])) for it in items])
+
+    active = peak = 0
+    lock = threading.Lock()
+
+    def run_slowly(inputs: dict[str, np.ndarray]) -> tuple[np.ndarray, float]:
+        # The real run, held open long enough that two lanes must overlap if they can.
+        nonlocal active, peak
+        with lock:
+            active += 1
+            peak = max(peak, active)
+        try:
+            time.sleep(0.05)
+            return runtime.run_timed(inputs)
+        finally:
+            with lock:
+                active -= 1
+
+    async def scenario(lanes: int) -> np.ndarray:
+        batcher = Batcher(run_slowly, BatcherConfig(max_batch_size=1, max_queue_delay_ms=0), lanes=lanes)
+        batcher.start()
+        futures = [f for it in items for f in batcher.submit([it])]
+        rows = await asyncio.gather(*futures)
+        await batcher.close()
+        return np.stack(rows)
+
+    together = asyncio.run(scenario(lanes=2))
+    assert peak == 2, f"two lanes ran at most {peak} batch(es) at once"
+    np.testing.assert_array_equal(together, alone)  # one thread per run: bit-identical to sequential runs
+
+    peak = 0
+    asyncio.run(scenario(lanes=1))
+    assert peak == 1
+
+
+def test_core_budget_never_hands_out_more_cores_than_it_has() -> None:
+    budget = CoreBudget(2)
+    active = peak = 0
+    lock = threading.Lock()
+
+    def work(cores: int) -> None:
+        nonlocal active, peak
+        with budget.hold(cores):
+            with lock:
+                active += cores
+                peak = max(peak, active)
+            time.sleep(0.02)
+            with lock:
+                active -= cores
+
+    # Two versions' lanes (1 core each) and a warm-up of a 2-thread version, all at once.
+    threads = [threading.Thread(target=work, args=(c,)) for c in (1, 1, 1, 2, 1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    assert not any(t.is_alive() for t in threads)
+    assert peak == 2
+    with budget.hold(5):  # more than the budget: the whole budget, not a deadlock
+        pass
