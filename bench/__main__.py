@@ -299,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                        for k, v in vars(args).items()}
     write_outputs(args, results)
     log(f"done in {results['elapsed_s']:.0f} s; results in {args.out}/"
-        + ("" if args.no_docs else f", {args.benchmarks_md.name} and {args.docs_dir.relative_to(REPO_ROOT)}/"))
+        + ("" if args.no_docs else f", {args.benchmarks_md.name} and {args.docs_dir}/"))
     return 0
 
 

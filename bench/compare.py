@@ -190,6 +190,11 @@ def make_ray(args: argparse.Namespace, out_dir: Path, version_dir: Path, probe: 
     return System(name, handle, cfg, md)
 
 
+def _replicas(config: dict[str, Any]) -> str:
+    n = int(config.get("replicas", 1))
+    return "one replica" if n == 1 else f"{n} replicas, each"
+
+
 def ray_variants(text: str) -> list[tuple[int, float]]:
     """'8:2,32:10' -> [(8, 2.0), (32, 10.0)]: max_batch_size and batch wait (ms) of extra Ray Serve sweeps."""
     out = []
@@ -476,11 +481,12 @@ def markdown(results: dict[str, Any], plot: str | None) -> str:
     if "ray" in sv:
         c = sv["ray"]["config"]
         out.append(f"- **Ray Serve {c['ray']}** (`bench/peers/ray_peer.py`): Serve's gRPC proxy (routed by the "
-                   f"`application` metadata key) → one replica whose `@serve.batch` method (max_batch_size "
+                   f"`application` metadata key) → {_replicas(c)} whose `@serve.batch` method (max_batch_size "
                    f"{c['max_batch_size']}, batch_wait_timeout_s {c['batch_wait_timeout_ms'] / 1000:g}) pads the "
                    f"batch and runs the session; `max_ongoing_requests` {c['max_ongoing_requests']} (Ray's default "
-                   f"of 5 would cap every batch at 5); `ray.init(num_cpus={c['num_cpus']})` and the replica reserves "
-                   "the CPUs its ORT threads use, so Ray starts no extra workers on 2 cores. Memory is the sum "
+                   f"of 5 would cap every batch at 5); `ray.init(num_cpus={c['num_cpus']})` and each replica reserves "
+                   f"the CPUs its ORT threads use ({c.get('threads', 2)}), as this service runs one batch per core "
+                   "at once, so Ray starts no extra workers on 2 cores. Memory is the sum "
                    "over all of Ray's processes (GCS, raylet, dashboard agent, controller, proxy, replica). The "
                    "batching settings tried during development are listed in `bench/peers/ray_peer.py`; this run "
                    "also sweeps the `--ray-variants` above and divides by the best.")

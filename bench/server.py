@@ -146,6 +146,9 @@ def batch_stats(before: dict[str, float], after: dict[str, float], wall_s: float
     def delta(name: str) -> float:
         return metric_sum(after, name) - metric_sum(before, name)
 
+    # Lanes run batches at once: busy and per-busy-second figures are per lane-second of the serving
+    # version (the largest lane count scraped; 1 for a server without lanes).
+    lanes = max([v for k, v in after.items() if k.startswith("scoring_engine_lanes")] or [1.0])
     batches = delta("scoring_batch_size_count")
     items = delta("scoring_batch_size_sum")
     engine_s = delta("scoring_inference_duration_seconds_sum")
@@ -160,8 +163,9 @@ def batch_stats(before: dict[str, float], after: dict[str, float], wall_s: float
         "items": items,
         "mean_batch_size": ratio(items, batches, 2),
         "mean_padding_ratio": ratio(delta("scoring_batch_padding_ratio_sum"), batches),
-        "engine_busy_fraction": ratio(engine_s, wall_s),
-        "engine_items_per_busy_s": ratio(items, engine_s, 2),
+        "engine_lanes": lanes,
+        "engine_busy_fraction": ratio(engine_s, wall_s * lanes),
+        "engine_items_per_busy_s": ratio(items * lanes, engine_s, 2),
         "mean_engine_ms_per_batch": ratio(engine_s * 1000, batches, 2),
         "mean_queue_wait_ms": ratio(delta("scoring_queue_wait_seconds_sum") * 1000, waits, 2),
         "mean_server_request_ms": ratio(delta("scoring_request_duration_seconds_sum") * 1000, requests, 2),

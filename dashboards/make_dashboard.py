@@ -66,6 +66,9 @@ PANELS = [
     panel(10, "result cache: entries, bytes, evictions/s",
           [("sum(scoring_cache_entries)", "entries"), ("sum(scoring_cache_bytes)", "bytes"),
            ("sum(rate(scoring_cache_evictions_total[5m]))", "evictions/s")], 12, 32),
+    panel(11, "engine utilisation (busy share of its lanes)",
+          [("sum by (model) (rate(scoring_inference_duration_seconds_sum{model=~\"$model\"}[5m])) / "
+            "max by (model) (scoring_engine_lanes{model=~\"$model\"})", "{{model}}")], 0, 40, "percentunit"),
 ]
 
 DASHBOARD = {

@@ -177,6 +177,7 @@ class Batcher:
         self._changed = asyncio.Event()
         self.lanes = max(1, lanes)
         self._running = 0  # batches on the engine
+        self._running_work: dict[int, tuple[float, int]] = {}  # per running batch: start, cost units
         self._closed = False
         self._executor = ThreadPoolExecutor(max_workers=self.lanes, thread_name_prefix=f"ort-{name}")
         self._task: asyncio.Task[None] | None = None
@@ -191,13 +192,17 @@ class Batcher:
     def queue_depth(self) -> int:
         return len(self._queue)
 
-    def _work_seconds(self, items: int, tokens: int) -> float | None:
-        """Estimated time for the engine's lanes to run `items` queued items; None until a batch has
-        been timed."""
+    def _work_seconds(self, items: int, tokens: int, now: float) -> float | None:
+        """Estimated time for the engine's lanes to run `items` queued items after what they run now;
+        None until a batch has been timed."""
         if self._seconds_per_token is None:
             return None
         batches = math.ceil(items / self.config.max_batch_size)
-        return (tokens + batches * self.cost.overhead) * self._seconds_per_token / self.lanes
+        queued = (tokens + batches * self.cost.overhead) * self._seconds_per_token
+        # A full batch on one thread runs for hundreds of ms: what is left of the running ones counts.
+        running = sum(max(0.0, units * self._seconds_per_token - (now - started))
+                      for started, units in self._running_work.values())
+        return (queued + running) / self.lanes
 
     @property
     def idle(self) -> bool:
@@ -222,7 +227,7 @@ class Batcher:
         loop = asyncio.get_running_loop()
         now = loop.time()
         if cfg.max_queue_wait_ms > 0 and self._queue:  # an empty queue always admits: no starvation
-            work = self._work_seconds(len(self._queue) + len(items), self._queued_tokens + tokens)
+            work = self._work_seconds(len(self._queue) + len(items), self._queued_tokens + tokens, now)
             if work is not None and work * 1000.0 > cfg.max_queue_wait_ms:
                 raise QueueFull(
                     f"queue holds ~{work * 1000.0:.0f} ms of engine work with these items, over "
@@ -357,6 +362,8 @@ class Batcher:
     async def _execute(self, batch: list[_Pending], inputs: dict[str, np.ndarray]) -> None:
         loop = asyncio.get_running_loop()
         started = loop.time()
+        units = self.cost.total(len(batch), int(inputs["input_ids"].shape[1]))
+        self._running_work[id(batch)] = (started, units)
         try:
             scores, elapsed = await loop.run_in_executor(self._executor, self._run, inputs)
         except Exception as exc:
@@ -370,7 +377,6 @@ class Batcher:
                 if not p.future.done():
                     p.future.set_result(scores[row])
             self.batches_run += 1
-            units = self.cost.total(len(batch), int(inputs["input_ids"].shape[1]))
             self._observe_cost(elapsed / units)
             self._on_batch(
                 BatchStats(
@@ -383,6 +389,7 @@ class Batcher:
                 )
             )
         finally:
+            del self._running_work[id(batch)]
             self._running -= 1
             self._changed.set()
 

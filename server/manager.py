@@ -16,16 +16,20 @@ import logging
 import time
 import weakref
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 from server.batcher import BatcherConfig
 from server.manifest import ManifestError, read_manifest, verify_files
 from server.metrics import Metrics
 from server.model import LoadedModel, ModelState
 from server.repository import VERSION_RE, VersionStatus, scan_repository, valid_model_name
-from server.resources import release_free_memory
+from server.resources import lower_thread_priority, release_free_memory
 from server.runtime import RuntimeOptions
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 Signature = tuple[tuple[str, int, int], ...]
@@ -95,6 +99,10 @@ class ModelManager:
         self._listeners: list[Callable[[], None]] = []
         self._poller: asyncio.Task[None] | None = None
         self._drains: set[asyncio.Task[None]] = set()
+        # Checksums, session creation, warm-up, golden checks and heap trimming run on one thread of
+        # lowered priority: a swap takes the CPU the serving version leaves, not the other way round.
+        self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-loader",
+                                              initializer=lower_thread_priority)
         for name, version in config.pinned.items():
             self._models.setdefault(name, _ModelRecords()).pinned = version
 
@@ -238,11 +246,11 @@ class ModelManager:
             manifest = await asyncio.to_thread(read_manifest, record.path)
             if (manifest.model, manifest.version) != (record.model, record.version):
                 raise ManifestError(f"manifest names {manifest.model}/{manifest.version}")
-            await asyncio.to_thread(verify_files, record.path, manifest)
+            await self._in_background(verify_files, record.path, manifest)
             record.state = ModelState.WARMING
             self._publish()
-            loaded = await asyncio.to_thread(LoadedModel.load, record.path, manifest, self.config.runtime,
-                                             self.config.batcher, self.metrics)
+            loaded = await self._in_background(LoadedModel.load, record.path, manifest, self.config.runtime,
+                                               self.config.batcher, self.metrics)
         except Exception as exc:
             self._fail(record, f"{type(exc).__name__}: {exc}", signature)
             return False
@@ -254,6 +262,9 @@ class ModelManager:
                                           "seconds": round(time.perf_counter() - t0, 3)})
         self._publish()
         return True
+
+    async def _in_background(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._background, fn, *args)
 
     def _switch(self, name: str, record: VersionRecord) -> None:
         """The atomic part: one assignment, between two requests."""
@@ -295,7 +306,7 @@ class ModelManager:
         # collection its ~370 MiB would wait for the next automatic cycle collection, after
         # several more swaps (measured: RSS grew by one version per swap).
         freed = gc.collect()
-        release_free_memory()
+        await self._in_background(release_free_memory)
         log.info("version unloaded", extra={"event": "model_unloaded", "model": record.model,
                                              "version": record.version, "gc_objects": freed})
 
@@ -303,6 +314,7 @@ class ModelManager:
         m = self.metrics
         m.model_info.clear()
         m.queue_depth.clear()  # an unloaded version's series goes, and with it any hold on its engine
+        m.engine_lanes.clear()
         for name, records in self._models.items():
             for version, r in records.versions.items():
                 if r.loaded is not None or r.state is ModelState.FAILED:
@@ -312,6 +324,7 @@ class ModelManager:
                     m.model_info.labels(name, str(version), heads, precision, provider, r.state.value).set(1)
                 if r.loaded is not None:
                     m.queue_depth.labels(name, str(version)).set_function(_depth_of(r.loaded))
+                    m.engine_lanes.labels(name, str(version)).set(r.loaded.batcher.lanes)
         for listener in self._listeners:
             listener()
 
@@ -380,6 +393,7 @@ class ModelManager:
             await asyncio.gather(*(self._drain(r) for r in loaded if r.state is not ModelState.DRAINING))
             if self._drains:
                 await asyncio.gather(*self._drains)
+        self._background.shutdown(wait=False)
 
 
 def _depth_of(model: LoadedModel) -> Callable[[], float]:

@@ -142,6 +142,10 @@ class Metrics:
                                        ["model"], buckets=RATIO_BUCKETS, registry=r)
         self.queue_depth = Gauge("scoring_queue_depth", "Items waiting for a batch", ["model", "version"],
                                  registry=r)
+        self.engine_lanes = Gauge("scoring_engine_lanes",
+                                  "Batches a loaded version's engine runs at once; engine utilisation is "
+                                  "rate(scoring_inference_duration_seconds_sum) / this", ["model", "version"],
+                                  registry=r)
         self.model_info = Gauge("scoring_model_info", "Loaded model versions (value 1) with their properties",
                                 ["model", "version", "heads", "precision", "execution_provider", "state"],
                                 registry=r)

@@ -10,6 +10,7 @@ import ctypes
 import ctypes.util
 import math
 import os
+import threading
 from pathlib import Path
 
 CGROUP = Path("/sys/fs/cgroup")
@@ -52,6 +53,29 @@ def cpu_limit() -> int:
         if q1 and p1 and q1.lstrip("-").isdigit() and int(q1) > 0 and p1.isdigit() and int(p1) > 0:
             quota = int(q1) / int(p1)
     return max(1, min(affinity, math.ceil(quota))) if quota else max(1, affinity)
+
+
+BACKGROUND_NICE = 10  # CFS weight ~110 against 1024 at nice 0: a tenth of a core's share when contended
+
+
+def lower_thread_priority(increment: int = BACKGROUND_NICE) -> bool:
+    """Makes the calling thread give way to the rest of the process for the CPU (on Linux a thread has
+    its own nice value). Needs no privilege and cannot be undone: for threads that only do background
+    work, such as loading, verifying and warming a model version while another serves."""
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + increment)
+    except (OSError, AttributeError):
+        return False
+    return True
+
+
+def thread_is_background() -> bool:
+    """True on a thread whose priority is below the main thread's (see `lower_thread_priority`)."""
+    try:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) > os.getpriority(os.PRIO_PROCESS, os.getpid())
+    except (OSError, AttributeError):
+        return False
 
 
 def release_free_memory() -> None:

@@ -21,7 +21,7 @@ import numpy as np
 import onnxruntime as ort
 
 from server.manifest import Manifest
-from server.resources import cpu_limit
+from server.resources import cpu_limit, thread_is_background
 
 log = logging.getLogger(__name__)
 
@@ -212,9 +212,12 @@ class ModelRuntime:
 
     def run_timed(self, inputs: dict[str, np.ndarray]) -> tuple[np.ndarray, float]:
         """Scores and the seconds the engine computed them in (not counting the wait for cores).
-        Up to `lanes` calls may run at once."""
+        Up to `lanes` calls may run at once. A run on a background thread (a version warming up while
+        another serves) takes no cores from the budget: the OS scheduler already gives serving the CPU
+        first, and holding a core while running slowly would block a serving lane."""
         turn: contextlib.AbstractContextManager[None] = (
-            _CPU_CORES.hold(self.threads) if self.provider == CPU else contextlib.nullcontext())
+            _CPU_CORES.hold(self.threads) if self.provider == CPU and not thread_is_background()
+            else contextlib.nullcontext())
         with turn:
             t0 = time.perf_counter()
             scores = self._run(inputs)

@@ -89,6 +89,36 @@ def run_server(
     repo: Path, *extra: str, wait: bool = True, env: dict[str, str] | None = None,
     credentials: grpc.ChannelCredentials | None = None,
 ) -> Iterator[ServerProcess]:
+    # free_port() can race with another process taking the port before the server binds it: such a
+    # start is retried on fresh ports (and only such a start).
+    for attempt in range(3):
+        server, pump = _start(repo, extra, env, credentials)
+        if not wait:
+            break
+        try:
+            server.wait_serving()
+            break
+        except BaseException as exc:
+            if isinstance(exc, RuntimeError) and attempt < 2:  # RuntimeError: the server exited
+                pump.join(timeout=5)
+                if any("Failed to bind" in line for line in server.log_lines):
+                    continue
+            _kill(server.proc)
+            raise
+    try:
+        yield server
+    finally:
+        _kill(server.proc)
+
+
+def _kill(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def _start(repo: Path, extra: tuple[str, ...], env: dict[str, str] | None,
+           credentials: grpc.ChannelCredentials | None) -> tuple[ServerProcess, threading.Thread]:
     grpc_port, metrics_port, admin_port = free_port(), free_port(), free_port()
     cmd = [sys.executable, "-m", "server", "--model-repo", str(repo), "--host", "127.0.0.1",
            "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port), "--admin-port", str(admin_port),
@@ -105,15 +135,9 @@ def run_server(
         for line in proc.stderr:
             server.log_lines.append(line.rstrip("\n"))
 
-    threading.Thread(target=pump, daemon=True).start()
-    try:
-        if wait:
-            server.wait_serving()
-        yield server
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
+    thread = threading.Thread(target=pump, daemon=True)
+    thread.start()
+    return server, thread
 
 
 def scrape(server: ServerProcess) -> dict[str, float]:
