@@ -3,9 +3,9 @@
 Shape of the loop (after text-embeddings-inference's queue/infer split):
 - `submit` admits items or refuses at once (no waiting for room) when the queue holds
   `max_queue_size` items, or more than `max_queue_wait_ms` of engine work (estimated from the
-  batches just run), or more work than the call's deadline leaves time for: under overload the
-  excess is refused in microseconds instead of expiring in the queue, and what is admitted waits
-  a bounded time;
+  batches just run), or more work than the call's deadline leaves time for, or, while a standing
+  queue persists, more than `queue_target_ms` (below): under overload the excess is refused in
+  microseconds instead of expiring in the queue, and what is admitted waits a bounded time;
 - one dispatcher task owns the queue: it waits until the engine is free or a full batch is
   queued (and, when the engine is idle, at most `max_queue_delay_ms` for more arrivals), drops
   items whose client went away or whose deadline passed, and builds a batch around the oldest
@@ -67,14 +67,22 @@ class BatcherConfig:
     max_batch_tokens: int = 8192  # batch size x padded length
     max_queue_delay_ms: float = 2.0
     max_queue_size: int = 1024  # items waiting, not counting the batch on the engine
-    max_queue_wait_ms: float = 500.0  # estimated engine time queued before refusing (0 = no time bound)
+    max_queue_wait_ms: float = 1000.0  # estimated engine time queued before refusing (0 = no time bounds)
+    # CoDel's idea applied to admission: a burst may queue up to max_queue_wait_ms, but once batches
+    # have left after waiting more than queue_target_ms for queue_interval_ms on end (a standing
+    # queue: overload, not a burst), new items are admitted only while the queue holds less than
+    # queue_target_ms of work. Admitted calls then wait about the target instead of the hard bound.
+    queue_target_ms: float = 150.0
+    queue_interval_ms: float = 500.0
     batch_overhead_tokens: int = 0  # 0 = by device; see BatchCost
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 0 or self.max_queue_size < 1 or self.max_batch_tokens < 1:
             raise ValueError("batch size must not be negative; queue size and token budget must be positive")
-        if self.max_queue_delay_ms < 0 or self.max_queue_wait_ms < 0 or self.batch_overhead_tokens < 0:
-            raise ValueError("max_queue_delay_ms, max_queue_wait_ms and batch_overhead_tokens must not be negative")
+        if min(self.max_queue_delay_ms, self.max_queue_wait_ms, self.batch_overhead_tokens, self.queue_target_ms,
+               self.queue_interval_ms) < 0:
+            raise ValueError("max_queue_delay_ms, max_queue_wait_ms, queue_target_ms, queue_interval_ms and "
+                             "batch_overhead_tokens must not be negative")
 
     def for_device(self, on_gpu: bool) -> BatcherConfig:
         """Fills the by-device defaults (0) for the engine this batcher will feed."""
@@ -178,6 +186,8 @@ class Batcher:
         self.lanes = max(1, lanes)
         self._running = 0  # batches on the engine
         self._running_work: dict[int, tuple[float, int]] = {}  # per running batch: start, cost units
+        self._overloaded = False  # a standing queue: admission holds the queue at queue_target_ms
+        self._switch_since: float | None = None  # leaving batches have argued for switching since then
         self._closed = False
         self._executor = ThreadPoolExecutor(max_workers=self.lanes, thread_name_prefix=f"ort-{name}")
         self._task: asyncio.Task[None] | None = None
@@ -203,6 +213,26 @@ class Batcher:
         running = sum(max(0.0, units * self._seconds_per_token - (now - started))
                       for started, units in self._running_work.values())
         return (queued + running) / self.lanes
+
+    def _note_wait(self, oldest_wait: float, now: float) -> None:
+        """Called as a batch leaves the queue, with the wait of its oldest item. The state flips only
+        after every batch for `queue_interval_ms` argued for it (hysteresis both ways: a burst does
+        not start refusals, and a queue held at the target does not end them). A batch that empties
+        the queue while no other runs shows the engine caught up: no overload, no evidence for one."""
+        if not self._queue and self._running == 0:
+            self._overloaded, self._switch_since = False, None
+            return
+        long_wait = oldest_wait * 1000.0 > self.config.queue_target_ms
+        if long_wait != self._overloaded:  # this batch argues for switching
+            if self._switch_since is None:
+                self._switch_since = now
+            elif (now - self._switch_since) * 1000.0 >= self.config.queue_interval_ms:
+                self._overloaded, self._switch_since = long_wait, None
+                log.info("standing queue" if long_wait else "standing queue gone",
+                         extra={"event": "queue_overloaded" if long_wait else "queue_recovered",
+                                "batcher": self.name})
+        else:
+            self._switch_since = None
 
     @property
     def idle(self) -> bool:
@@ -232,6 +262,12 @@ class Batcher:
                 raise QueueFull(
                     f"queue holds ~{work * 1000.0:.0f} ms of engine work with these items, over "
                     f"max_queue_wait_ms {cfg.max_queue_wait_ms:.0f}"
+                )
+            if work is not None and work * 1000.0 > cfg.queue_target_ms and self._overloaded:
+                raise QueueFull(
+                    f"overloaded: batches have waited over {cfg.queue_target_ms:.0f} ms for "
+                    f"{cfg.queue_interval_ms:.0f} ms on end, and the queue holds ~{work * 1000.0:.0f} ms "
+                    "of engine work with these items"
                 )
             if work is not None and deadline is not None and now + work > deadline:
                 # It would expire in the queue: say so now, while the client can still go elsewhere.
@@ -275,8 +311,10 @@ class Batcher:
                 inputs = pad_batch([p.item for p in batch])
                 while self._running >= self.lanes:  # the next batch is ready; wait for a lane
                     await self._wait_change(None)
-                batch, inputs = self._recheck(batch, inputs, loop.time())
+                now = loop.time()
+                batch, inputs = self._recheck(batch, inputs, now)
                 if batch:
+                    self._note_wait(max(now - p.enqueued for p in batch), now)
                     self._running += 1
                     task = loop.create_task(self._execute(batch, inputs))
                     self._inflight.add(task)

@@ -78,7 +78,8 @@ def test_queue_is_bounded_by_estimated_engine_time(demo_repo: Path) -> None:
 
 
 def test_call_that_would_expire_in_the_queue_is_refused_at_once(demo_repo: Path) -> None:
-    with run_server(demo_repo, "--max-queue-wait-ms", "600000") as srv:  # only the deadlines bound the queue
+    # Only the deadlines bound the queue.
+    with run_server(demo_repo, "--max-queue-wait-ms", "600000", "--queue-target-ms", "600000") as srv:
         asyncio.run(_fire(srv.target, 4, timeout=60, delay_each=0.2))
         errors = asyncio.run(_burst(srv.target, 120, timeout=0.4))
         codes = [e.code() if e is not None else grpc.StatusCode.OK for e in errors]
