@@ -121,11 +121,12 @@ def engine_limit(data: ModelData, threads: int, batch_sizes: Sequence[int], roun
             "table": table}
 
 
-def server_flags(version: int, model: str, threads: int, extra: Sequence[str] = ()) -> list[str]:
-    """As bench/__main__.py runs the server: fp32, pinned, no polling, no reconnects during a step."""
+def server_flags(version: int, model: str, threads: int | None, extra: Sequence[str] = ()) -> list[str]:
+    """As bench/__main__.py runs the server: fp32, pinned, no polling, no reconnects during a step.
+    `threads` None: no thread or lane flags (the server's defaults)."""
     return ["--precision", "fp32", "--pin", f"{model}={version}", "--poll-interval-s", "0",
             "--max-connection-age-s", "3600", "--log-level", "WARNING",
-            *arrangement_flags(threads), *extra]
+            *(arrangement_flags(threads) if threads is not None else []), *extra]
 
 
 LIVE: list[ServerProcess] = []  # every server this run started, stopped again at exit whatever happened

@@ -228,8 +228,11 @@ async def balanced_channels(group: WorkerGroup, per_worker: int, body: bytes, ti
 async def run_config(args: argparse.Namespace, data: ModelData, limit: float, requests: list[bytes],
                      workers: int, threads: int) -> dict[str, Any]:
     label = f"{workers} worker(s) × {threads or 'default'} thread(s)"
-    flags = server_flags(data.manifest.version, args.model, threads, ["--cache-bytes", "0", "--workers",
-                                                                      str(workers)])
+    # T threads: each worker runs one batch of T threads at a time; default: the server's own choice
+    # (each worker gets its share of the cores as single-threaded lanes).
+    exact = ["--intra-op-threads", str(threads), "--engine-lanes", "1"] if threads else []
+    flags = server_flags(data.manifest.version, args.model, None,
+                         [*exact, "--cache-bytes", "0", "--workers", str(workers)])
     log_path = args.out / NAME / f"server-{workers}w-{threads or 'default'}t.log"
     group = WorkerGroup(ServerSpec(args.model_repo, args.server_cwd, flags, log_path), workers)
     grid = sorted({*args.fractions, args.fixed_fraction})
@@ -275,8 +278,9 @@ async def run_config(args: argparse.Namespace, data: ModelData, limit: float, re
     finally:
         await asyncio.to_thread(group.stop)
     fixed = next(s for s in steps if abs(s["fraction"] - args.fixed_fraction) < 1e-9)
-    return {"workers": workers, "threads_per_worker": threads or cpu_limit(), "threads_flag": threads,
-            "total_threads": workers * (threads or cpu_limit()), "connections_per_worker": counts,
+    return {"workers": workers, "threads_per_worker": threads or 1, "threads_flag": threads,
+            "lanes_per_worker": 1 if threads else max(1, cpu_limit() // workers),
+            "total_threads": workers * (threads or max(1, cpu_limit() // workers)), "connections_per_worker": counts,
             "start_seconds": round(group.start_seconds, 1), "command": group.command, "steps": steps,
             **sweep_outcome(steps, limit), "fixed_load_step": fixed}
 
@@ -289,8 +293,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, default=Path("bench_out"), help="results go to <out>/workers_scale/")
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="JSONL query/title pairs [%(default)s]")
     ap.add_argument("--configs", type=configs, default=configs("1:2,2:1,2:0,3:1"),
-                    help="workers:threads-per-worker, comma-separated (threads 0 = the server's default, one "
-                         "per usable core; a configuration equal to an earlier one is skipped) [1:2,2:1,2:0,3:1]")
+                    help="workers:threads-per-worker, comma-separated (threads 0 = the server's default: each "
+                         "worker gets its share of the cores as one-thread lanes; a configuration equal to an "
+                         "earlier one is skipped) [1:2,2:1,2:0,3:1]")
     ap.add_argument("--fixed-fraction", type=float, default=0.6,
                     help="the fixed load (fraction of the engine limit) every configuration's p99 is read at")
     ap.add_argument("--fractions", type=floats, default=[0.9], help="more grid steps (fractions of the limit)")
@@ -300,7 +305,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--connections-per-worker", type=int, default=2)
     ap.add_argument("--timeout-s", type=float, default=5.0)
     ap.add_argument("--p99-bound-ms", type=float, default=1000.0)
-    ap.add_argument("--engine-threads", type=int, default=2, help="intra-op threads of the raw engine limit")
+    ap.add_argument("--engine-threads", type=int, default=0,
+                    help="threads per run of the raw engine limit (0 = the server's CPU default: one-thread lanes)")
     ap.add_argument("--batch-sizes", type=floats, default=[1, 8, 16, 32])
     ap.add_argument("--engine-rounds", type=int, default=2)
     ap.add_argument("--engine-min-s", type=float, default=1.5)
@@ -395,7 +401,8 @@ def markdown(results: dict[str, Any]) -> str:
     lines: list[str] = [
         "## Throughput against `--workers N` (`python -m bench.workers_scale`)",
         "",
-        f"Each configuration is `python -m server --workers N --intra-op-threads T --cache-bytes 0` (fp32, "
+        f"Each configuration is `python -m server --workers N --intra-op-threads T --engine-lanes 1 "
+        "--cache-bytes 0` or, as 'default', without thread and lane flags (fp32, "
         f"pinned), on a machine with {cores} usable cores; throughput is a ratio of the raw engine limit "
         f"(fp32, batch {eng['batch_size']}, {eng['threads']} threads, median of {eng['rounds']} rounds) "
         "measured in the same run.",
@@ -413,8 +420,9 @@ def markdown(results: dict[str, Any]) -> str:
         "them, so each worker gets the same share. Sustainable = no failures, achieved ≥ 95% of offered, p99 ≤ "
         f"{a['p99_bound_ms']:g} ms. Server CPU sums the workers' processes; generator = this process; foreign = "
         "everything else on the machine. Engine busy sums the workers' engine time (2 workers each busy all the "
-        "time = 200%). Threads 'default' = the server's default, one per usable core "
-        f"({dflt} here)." + (f" Skipped as duplicates of an earlier configuration: {r['skipped']}."
+        "time = 200%). N × T: N workers, each running one batch of T threads at a time; 'default': the "
+        f"server's own choice, each worker gets its share of the {dflt} usable cores as one-thread lanes."
+        + (f" Skipped as duplicates of an earlier configuration: {r['skipped']}."
                                     if r["skipped"] else ""),
         "",
         "| workers × threads | total threads | max sustained/s | × limit | × 1 worker | most completed/s "
@@ -426,9 +434,10 @@ def markdown(results: dict[str, Any]) -> str:
         fx = run["fixed_load_step"]
         share = fx["per_worker_items"]
         tot = sum(share) or 1.0
-        tag = " (default)" if not run["threads_flag"] else " (= default)" if run["threads_per_worker"] == dflt else ""
+        shape = (f"{run['workers']} × {run['threads_per_worker']}" if run["threads_flag"] else
+                 f"{run['workers']} × {run.get('lanes_per_worker', dflt)} lanes × 1 (default)")
         lines.append(
-            f"| {run['workers']} × {run['threads_per_worker']}{tag} | "
+            f"| {shape} | "
             f"{run['total_threads']} | {run['max_sustained_rate']:.1f} | {run['max_sustained_ratio']:.2f} | "
             f"{fmt(run['max_sustained_rate'] / b if (b := base['max_sustained_rate']) else None, 2)} | "
             f"{run['saturation_rate']:.1f} | "
@@ -472,7 +481,8 @@ def run(args: argparse.Namespace) -> int:
     seen: set[tuple[int, int]] = set()
     runs, skipped = [], []
     for workers, threads in args.configs:
-        effective = (workers, threads or cpu_limit())
+        lanes = max(1, cpu_limit() // workers)  # the default's one-thread lanes per worker
+        effective = (workers, threads) if threads else (workers, 1 if lanes == 1 else -lanes)
         if effective in seen:
             skipped.append(f"{workers}:{threads}")
             continue

@@ -20,7 +20,8 @@ from server.batcher import CPU_MAX_BATCH_SIZE, GPU_MAX_BATCH_SIZE, BatcherConfig
 from server.cache import default_cache_bytes
 from server.logs import setup_logging
 from server.manager import ManagerConfig
-from server.runtime import RuntimeOptions
+from server.resources import cpu_limit
+from server.runtime import RuntimeOptions, cuda_usable
 from server.validation import RequestLimits
 from server.workers import supervise
 
@@ -153,8 +154,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.log_level)
     if args.workers > 1:
+        # On the CPU each worker's default lanes would fill every core: give each its share instead.
+        on_cpu = args.device == "cpu" or (args.device == "auto" and not cuda_usable())
+        lanes = 0 if args.engine_lanes or not on_cpu else max(
+            1, cpu_limit() // (args.workers * (args.intra_op_threads or 1)))
         return supervise(sys.argv[1:] if argv is None else argv, args.workers, args.metrics_port, args.admin_port,
-                         args.shutdown_delay_s + args.grace_period_s)
+                         args.shutdown_delay_s + args.grace_period_s, lanes)
     uvloop.run(serve(config_from_args(args)))
     return 0
 

@@ -187,7 +187,8 @@ class Batcher:
         self._running = 0  # batches on the engine
         self._running_work: dict[int, tuple[float, int]] = {}  # per running batch: start, cost units
         self._overloaded = False  # a standing queue: admission holds the queue at queue_target_ms
-        self._switch_since: float | None = None  # leaving batches have argued for switching since then
+        self._long_since: float | None = None  # every batch since then left after waiting > target
+        self._last_refusal = 0.0  # when the standing-queue rule last refused (event-loop clock)
         self._closed = False
         self._executor = ThreadPoolExecutor(max_workers=self.lanes, thread_name_prefix=f"ort-{name}")
         self._task: asyncio.Task[None] | None = None
@@ -215,24 +216,31 @@ class Batcher:
         return (queued + running) / self.lanes
 
     def _note_wait(self, oldest_wait: float, now: float) -> None:
-        """Called as a batch leaves the queue, with the wait of its oldest item. The state flips only
-        after every batch for `queue_interval_ms` argued for it (hysteresis both ways: a burst does
-        not start refusals, and a queue held at the target does not end them). A batch that empties
-        the queue while no other runs shows the engine caught up: no overload, no evidence for one."""
+        """Called as a batch leaves the queue, with the wait of its oldest item. An overload starts
+        after every leaving batch waited over the target for `queue_interval_ms`; it ends when the
+        rule has not had to refuse anything for as long (held at the target, waits stay short by
+        construction, so they cannot be the signal), or at once when a batch empties the queue while
+        no other runs (the engine caught up)."""
+        interval = self.config.queue_interval_ms / 1000.0
         if not self._queue and self._running == 0:
-            self._overloaded, self._switch_since = False, None
-            return
-        long_wait = oldest_wait * 1000.0 > self.config.queue_target_ms
-        if long_wait != self._overloaded:  # this batch argues for switching
-            if self._switch_since is None:
-                self._switch_since = now
-            elif (now - self._switch_since) * 1000.0 >= self.config.queue_interval_ms:
-                self._overloaded, self._switch_since = long_wait, None
-                log.info("standing queue" if long_wait else "standing queue gone",
-                         extra={"event": "queue_overloaded" if long_wait else "queue_recovered",
-                                "batcher": self.name})
-        else:
-            self._switch_since = None
+            self._set_overloaded(False, now)
+        elif self._overloaded:
+            if now - self._last_refusal >= interval:
+                self._set_overloaded(False, now)
+        elif oldest_wait * 1000.0 <= self.config.queue_target_ms:
+            self._long_since = None
+        elif self._long_since is None:
+            self._long_since = now
+        elif now - self._long_since >= interval:
+            self._set_overloaded(True, now)
+
+    def _set_overloaded(self, overloaded: bool, now: float) -> None:
+        self._long_since = None
+        self._last_refusal = now  # a fresh overload lasts at least one interval
+        if overloaded != self._overloaded:
+            self._overloaded = overloaded
+            log.info("standing queue" if overloaded else "standing queue gone",
+                     extra={"event": "queue_overloaded" if overloaded else "queue_recovered", "batcher": self.name})
 
     @property
     def idle(self) -> bool:
@@ -264,6 +272,7 @@ class Batcher:
                     f"max_queue_wait_ms {cfg.max_queue_wait_ms:.0f}"
                 )
             if work is not None and work * 1000.0 > cfg.queue_target_ms and self._overloaded:
+                self._last_refusal = now
                 raise QueueFull(
                     f"overloaded: batches have waited over {cfg.queue_target_ms:.0f} ms for "
                     f"{cfg.queue_interval_ms:.0f} ms on end, and the queue holds ~{work * 1000.0:.0f} ms "

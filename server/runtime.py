@@ -123,7 +123,7 @@ class ShapeBuckets:
         return out
 
 
-def _cuda_usable() -> bool:
+def cuda_usable() -> bool:
     """onnxruntime-gpu lists CUDA even on machines without a GPU; the loaded driver is the real sign."""
     return CUDA in ort.get_available_providers() and Path("/proc/driver/nvidia/version").exists()
 
@@ -145,8 +145,8 @@ class ModelRuntime:
     """Owns the session. `run` is thread-safe in ORT and releases the GIL while computing."""
 
     def __init__(self, version_dir: Path, manifest: Manifest, options: RuntimeOptions) -> None:
-        want_cuda = options.device == "cuda" or (options.device == "auto" and _cuda_usable())
-        if options.device == "cuda" and not _cuda_usable():
+        want_cuda = options.device == "cuda" or (options.device == "auto" and cuda_usable())
+        if options.device == "cuda" and not cuda_usable():
             raise EngineError("--device cuda but this onnxruntime build has no CUDA execution provider")
         self.precision = choose_precision(manifest, want_cuda, options.precision)
         so = ort.SessionOptions()

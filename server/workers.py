@@ -20,22 +20,26 @@ log = logging.getLogger(__name__)
 RESTART_BACKOFF_S = 1.0
 
 
-def worker_argv(argv: list[str], index: int, metrics_port: int, admin_port: int) -> list[str]:
-    """The worker's command line: the parent's flags, one worker, its own side ports."""
+def worker_argv(argv: list[str], index: int, metrics_port: int, admin_port: int, lanes: int = 0) -> list[str]:
+    """The worker's command line: the parent's flags, one worker, its own side ports, and `lanes`
+    engine lanes when given (each worker's share of the cores; 0 = the worker's own default)."""
     args = [a for a in argv]
+    if lanes:
+        args += ["--engine-lanes", str(lanes)]
     args += ["--workers", "1", "--worker-index", str(index), "--reuse-port", "1",
              "--metrics-port", str(metrics_port + index if metrics_port else 0),
              "--admin-port", str(admin_port + index if admin_port else 0)]
     return [sys.executable, "-m", "server", *args]
 
 
-def supervise(argv: list[str], workers: int, metrics_port: int, admin_port: int, drain_s: float) -> int:
+def supervise(argv: list[str], workers: int, metrics_port: int, admin_port: int, drain_s: float,
+              lanes: int = 0) -> int:
     """`drain_s`: a worker's shutdown delay plus grace period; it is killed only after that (+5 s)."""
     procs: dict[int, subprocess.Popen[bytes]] = {}
     stopping = False
 
     def start(i: int) -> None:
-        procs[i] = subprocess.Popen(worker_argv(argv, i, metrics_port, admin_port), env=os.environ.copy())
+        procs[i] = subprocess.Popen(worker_argv(argv, i, metrics_port, admin_port, lanes), env=os.environ.copy())
         log.info("worker started", extra={"event": "worker_started", "worker": i, "pid": procs[i].pid})
 
     def forward(signum: int, _frame: FrameType | None) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import grpc
 
 from scoring.v1 import admin_pb2, admin_pb2_grpc, scoring_pb2, scoring_pb2_grpc
+from server.resources import cpu_limit
 from tests.helpers import build_small_model
 from tests.server_harness import ServerProcess, run_server, scrape
 
@@ -43,6 +44,8 @@ def test_two_workers_share_the_port_and_both_swap(tmp_path: Path) -> None:
         for i in range(2):
             metrics = scrape(ServerProcess(srv.proc, srv.grpc_port, srv.metrics_port + i, srv.admin_port + i))
             per_worker.append(metrics.get('model_pv_total{model="tiny",version="1"}', 0.0))
+            # Each worker's engine gets its share of the cores, not every core.
+            assert metrics['scoring_engine_lanes{model="tiny",version="1"}'] == max(1, cpu_limit() // 2)
         assert sum(per_worker) == 40 and min(per_worker) > 0, per_worker
 
         build_small_model(tmp_path, version=2, seed=2)
