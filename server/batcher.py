@@ -217,22 +217,24 @@ class Batcher:
 
     def _note_wait(self, oldest_wait: float, now: float) -> None:
         """Called as a batch leaves the queue, with the wait of its oldest item. An overload starts
-        after every leaving batch waited over the target for `queue_interval_ms`; it ends when the
-        rule has not had to refuse anything for as long (held at the target, waits stay short by
-        construction, so they cannot be the signal), or at once when a batch empties the queue while
-        no other runs (the engine caught up)."""
+        after every leaving batch waited over the target for `queue_interval_ms` (a batch that
+        empties the queue while no other runs voids that evidence: the engine caught up). It ends
+        when the rule has not had to refuse anything for as long (`_end_quiet_overload`): held at
+        the target, waits stay short by construction, so they cannot be the signal, and an emptied
+        queue under overload is only the dispatcher taking all of a short queue at once."""
         interval = self.config.queue_interval_ms / 1000.0
-        if not self._queue and self._running == 0:
-            self._set_overloaded(False, now)
-        elif self._overloaded:
-            if now - self._last_refusal >= interval:
-                self._set_overloaded(False, now)
-        elif oldest_wait * 1000.0 <= self.config.queue_target_ms:
+        if self._overloaded:
+            self._end_quiet_overload(now)
+        elif oldest_wait * 1000.0 <= self.config.queue_target_ms or (not self._queue and self._running == 0):
             self._long_since = None
         elif self._long_since is None:
             self._long_since = now
         elif now - self._long_since >= interval:
             self._set_overloaded(True, now)
+
+    def _end_quiet_overload(self, now: float) -> None:
+        if self._overloaded and (now - self._last_refusal) * 1000.0 >= self.config.queue_interval_ms:
+            self._set_overloaded(False, now)
 
     def _set_overloaded(self, overloaded: bool, now: float) -> None:
         self._long_since = None
@@ -271,6 +273,7 @@ class Batcher:
                     f"queue holds ~{work * 1000.0:.0f} ms of engine work with these items, over "
                     f"max_queue_wait_ms {cfg.max_queue_wait_ms:.0f}"
                 )
+            self._end_quiet_overload(now)
             if work is not None and work * 1000.0 > cfg.queue_target_ms and self._overloaded:
                 self._last_refusal = now
                 raise QueueFull(
