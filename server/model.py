@@ -34,7 +34,8 @@ def warm_up_shapes(manifest: Manifest, config: BatcherConfig) -> list[tuple[int,
     """The batcher's extremes, each run cheaply: one item at the shortest and longest length, and the
     widest batch of short items. Every kernel is initialised before SERVING; the memory arena grows
     later in steps of milliseconds. A full-size batch is left out on purpose: during a hot swap each
-    warm-up run takes cores from the serving version (runtime.CoreBudget), so every run must be short.
+    warm-up run competes for the CPU with the serving version (at lower priority, on the manager's
+    loader thread), so every run must be short.
     With shape buckets (GPU) every bucket is warmed instead (ModelRuntime.warm_up_shapes)."""
     widest = max(1, min(config.max_batch_size, config.max_batch_tokens // 16))
     return list(dict.fromkeys([(1, 8), (1, manifest.max_seq_len), (widest, 16)]))

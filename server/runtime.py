@@ -49,9 +49,10 @@ class RuntimeOptions:
 class CoreBudget:
     """The usable cores, handed out to CPU runs: a run takes as many as it has threads.
 
-    The serving version's lanes already fill every core; a version warming up or checking its golden
-    requests beside it would oversubscribe them and stall serving for the whole load. CPU runs in this
-    process therefore wait for cores: a warm-up batch waits for a lane's batch, and the other way round.
+    The serving version's lanes already fill every core; the lanes of another loaded version (a call
+    may name a READY version) would oversubscribe them. Runs on a background thread (a version warming
+    up on the manager's loader thread) skip the budget: they run at lower OS priority instead, so a
+    slow low-priority run never holds a core that a serving lane waits for.
     """
 
     def __init__(self, cores: int) -> None:
