@@ -387,7 +387,8 @@ def interpretation(runs: Sequence[dict[str, Any]], cores: int, best_batch: int) 
         + ". More threads than cores in total (workers × threads > "
         f"{cores}) makes them take turns on the cores and a parallel section waits for its slowest thread.")
     out.append("- `--workers N` is for machines with more cores than one engine uses well, or a Python-bound event "
-               f"loop; on this {cores}-core machine the default (1 worker, one thread per core) is the one to run"
+               f"loop; on this {cores}-core machine the default (1 worker running one single-threaded batch per core) "
+               "is the one to run"
                + (", unless a multi-worker row above is clearly ahead" if gain > 1.05 else "") + ".")
     return out
 
