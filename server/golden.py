@@ -59,7 +59,7 @@ def check_golden(version_dir: Path, manifest: Manifest, features: FeatureEncoder
     if not golden:
         raise GoldenMismatch(f"{spec.file} holds no requests")
     encoded = [features.encode(g.query, g.title, g.site, g.ner, g.industry) for g in golden]
-    # Small batches: on the CPU each run takes a turn from the version that serves meanwhile.
+    # Small batches: each run competes for the CPU with the version that serves meanwhile.
     got = np.concatenate([runtime.run(pad_batch(encoded[i : i + GOLDEN_CHUNK]))
                           for i in range(0, len(encoded), GOLDEN_CHUNK)])
     want = np.array([g.scores for g in golden], np.float32)

@@ -56,6 +56,7 @@ def cpu_limit() -> int:
 
 
 BACKGROUND_NICE = 10  # CFS weight ~110 against 1024 at nice 0: a tenth of a core's share when contended
+_thread = threading.local()
 
 
 def lower_thread_priority(increment: int = BACKGROUND_NICE) -> bool:
@@ -67,15 +68,13 @@ def lower_thread_priority(increment: int = BACKGROUND_NICE) -> bool:
         os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + increment)
     except (OSError, AttributeError):
         return False
+    _thread.background = True
     return True
 
 
 def thread_is_background() -> bool:
-    """True on a thread whose priority is below the main thread's (see `lower_thread_priority`)."""
-    try:
-        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) > os.getpriority(os.PRIO_PROCESS, os.getpid())
-    except (OSError, AttributeError):
-        return False
+    """True on a thread whose priority `lower_thread_priority` lowered."""
+    return getattr(_thread, "background", False)
 
 
 def release_free_memory() -> None:

@@ -155,8 +155,7 @@ class ModelRuntime:
         # 0 would let ORT count the node's cores; inside a container, count what we may use.
         # On the CPU the default is several single-threaded runs at once (lanes) rather than one run
         # over every core: a one-thread run never waits at a barrier for a thread that the event loop
-        # preempted. Measured on 2 cores (docs/operations.md): 2 lanes x 1 thread give 1.1-1.3x the
-        # throughput of 1 x 2 threads, and lose less to a busy front end.
+        # preempted. `make bench` compares the two (its `--intra-op-threads 2 --engine-lanes 1` what-if).
         cores = cpu_limit()
         self.threads = options.intra_op_threads or (cores if want_cuda else 1)
         self.lanes = options.engine_lanes or (1 if want_cuda else max(1, cores // self.threads))
