@@ -9,8 +9,8 @@ Shape of the loop (after text-embeddings-inference's queue/infer split):
 - one dispatcher task owns the queue: it waits until the engine is free or a full batch is
   queued (and, when the engine is idle, at most `max_queue_delay_ms` for more arrivals), drops
   items whose client went away or whose deadline passed, and builds a batch around the oldest
-  item from its neighbours in length (see `BatchCost`), within `max_batch_size` and
-  `max_batch_tokens`;
+  item from its neighbours in length (see `BatchCost`), within `max_batch_size`,
+  `max_batch_tokens` and an estimated run time of `queue_target_ms`;
 - the padded batch is prepared while the previous one still runs; up to `lanes` batches run at
   once, each on its own thread (on the CPU, one single-threaded run per core: runtime.ModelRuntime).
 """
@@ -50,9 +50,10 @@ class EngineFailed(Exception):
     """The engine raised on the batch this item was in."""
 
 
-# Measured on the demo model (BENCHMARKS.md, raw engine by batch size): on 2 CPU cores fp32
-# throughput peaks at batch 16 and falls beyond it, while a GPU needs wide batches to fill.
-CPU_MAX_BATCH_SIZE = 16
+# Measured on the demo model (BENCHMARKS.md, raw engine by batch size, one single-threaded run per
+# core): fp32 and int8 throughput peak at batch 8 (fp32 85.3/s vs 84.8 at 16; each item more adds
+# ~25 ms to a run), while a GPU needs wide batches to fill.
+CPU_MAX_BATCH_SIZE = 8
 GPU_MAX_BATCH_SIZE = 64
 # Fixed cost of one engine run, in padded-token equivalents: fitted to `make bench`'s raw engine
 # table (batch 1 vs batch 16, length-grouped) on a 2-core Intel Xeon: ~3 ms per run against ~0.12 ms
@@ -72,8 +73,10 @@ class BatcherConfig:
     # have left after waiting more than queue_target_ms for queue_interval_ms on end (a standing
     # queue: overload, not a burst), new items are admitted only while the queue holds less than
     # queue_target_ms of work. Admitted calls then wait about the target instead of the hard bound.
+    # No batch is planned to run longer than the target either (see `_batch_tokens`), so a call
+    # admitted under overload takes about twice the target, and one batch alone never looks standing.
     queue_target_ms: float = 150.0
-    queue_interval_ms: float = 500.0
+    queue_interval_ms: float = 1000.0
     batch_overhead_tokens: int = 0  # 0 = by device; see BatchCost
 
     def __post_init__(self) -> None:
@@ -386,12 +389,23 @@ class Batcher:
         pos = order.index(0)
         lo = max(0, min(pos - PLAN_WINDOW // 2, len(order) - PLAN_WINDOW))
         window = order[lo : lo + PLAN_WINDOW]
-        groups = self.cost.plan([queue[i].item.length for i in window], cfg.max_batch_size, cfg.max_batch_tokens)
+        groups = self.cost.plan([queue[i].item.length for i in window], cfg.max_batch_size, self._batch_tokens())
         start, end = next((a, b) for a, b in groups if a <= pos - lo < b)
         chosen = set(window[start:end])
         batch = [queue[i] for i in sorted(chosen)]
         self._set_queue([p for i, p in enumerate(queue) if i not in chosen])
         return batch
+
+    def _batch_tokens(self) -> int:
+        """The token budget of the next batch: `max_batch_tokens`, and, where time bounds are on and
+        runs have been timed, no more than runs within `queue_target_ms`. On one CPU thread a batch
+        of 8 real pairs takes ~190 ms, so without it a call admitted under overload would wait the
+        target and then run for longer than that."""
+        cfg = self.config
+        if cfg.max_queue_wait_ms <= 0 or cfg.queue_target_ms <= 0 or self._seconds_per_token is None:
+            return cfg.max_batch_tokens
+        units = cfg.queue_target_ms / 1000.0 / self._seconds_per_token
+        return max(1, min(cfg.max_batch_tokens, int(units) - self.cost.overhead))
 
     def _recheck(
         self, batch: list[_Pending], inputs: dict[str, np.ndarray], now: float

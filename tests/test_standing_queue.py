@@ -75,3 +75,32 @@ def test_a_burst_queues_and_sustained_overload_is_held_at_the_target() -> None:
         await batcher.close()
 
     asyncio.run(scenario())
+
+
+def test_no_batch_is_planned_to_run_longer_than_the_target() -> None:
+    """On one CPU thread a full batch runs for hundreds of ms; a call admitted under overload would
+    wait the target and then that long again. The batcher sizes batches to run within the target."""
+    per_unit_s = 0.002  # engine time per cost unit: overhead 24 + 3 tokens per item
+
+    def timed_engine(inputs: dict[str, np.ndarray]) -> tuple[np.ndarray, float]:
+        b, seq = inputs["input_ids"].shape
+        elapsed = (24 + b * seq) * per_unit_s
+        time.sleep(elapsed)
+        return np.zeros((b, 2), np.float32), elapsed
+
+    async def sizes_of(config: BatcherConfig) -> list[int]:
+        sizes: list[int] = []
+        batcher = Batcher(timed_engine, config, lanes=1, on_batch=lambda s: sizes.append(s.size))
+        batcher.start()
+        await batcher.submit([ITEM])[0]  # timed: 27 units in 54 ms
+        await asyncio.gather(*batcher.submit([ITEM] * 12))
+        await batcher.close()
+        return sizes[1:]
+
+    # 70 ms at 2 ms per unit is 35 units: the 24-unit overhead leaves 11 tokens, 3 items of 3 tokens.
+    capped = BatcherConfig(max_batch_size=8, max_queue_delay_ms=0, max_queue_wait_ms=10_000,
+                           queue_target_ms=70, batch_overhead_tokens=24)
+    assert asyncio.run(sizes_of(capped)) == [3, 3, 3, 3]
+    # With time bounds off (max_queue_wait_ms 0) only max_batch_size limits a batch.
+    unbounded = BatcherConfig(max_batch_size=8, max_queue_delay_ms=0, max_queue_wait_ms=0, batch_overhead_tokens=24)
+    assert asyncio.run(sizes_of(unbounded)) == [8, 4]
