@@ -68,7 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
           "estimated engine time queued before RESOURCE_EXHAUSTED, a burst's bound (0 = no time bounds)")
     _flag(ap, "--queue-target-ms", float, d_batch.queue_target_ms,
           "under a standing queue (batches waited longer than this for --queue-interval-ms on end), admit "
-          "only while the queue holds less than this much engine work")
+          "only while the queue holds less than this much engine work; no batch is planned to run longer")
     _flag(ap, "--queue-interval-ms", float, d_batch.queue_interval_ms,
           "how long batches must wait over --queue-target-ms before the queue counts as standing")
     _flag(ap, "--batch-overhead-tokens", int, d_batch.batch_overhead_tokens,

@@ -10,7 +10,7 @@ Shape of the loop (after text-embeddings-inference's queue/infer split):
   queued (and, when the engine is idle, at most `max_queue_delay_ms` for more arrivals), drops
   items whose client went away or whose deadline passed, and builds a batch around the oldest
   item from its neighbours in length (see `BatchCost`), within `max_batch_size`,
-  `max_batch_tokens` and an estimated run time of `queue_target_ms`;
+  `max_batch_tokens` and, under a standing queue, an estimated run time of `queue_target_ms`;
 - the padded batch is prepared while the previous one still runs; up to `lanes` batches run at
   once, each on its own thread (on the CPU, one single-threaded run per core: runtime.ModelRuntime).
 """
@@ -73,9 +73,9 @@ class BatcherConfig:
     # have left after waiting more than queue_target_ms for queue_interval_ms on end (a standing
     # queue: overload, not a burst), new items are admitted only while the queue holds less than
     # queue_target_ms of work. Admitted calls then wait about the target instead of the hard bound.
-    # No batch is planned to run longer than the target either (see `_batch_tokens`), so a call
-    # admitted under overload takes about twice the target, and one batch alone never looks standing.
-    queue_target_ms: float = 150.0
+    # Nor is a batch then planned to run longer than the target (see `_batch_tokens`), so a call
+    # admitted under overload takes about twice the target.
+    queue_target_ms: float = 80.0
     queue_interval_ms: float = 1000.0
     batch_overhead_tokens: int = 0  # 0 = by device; see BatchCost
 
@@ -225,6 +225,8 @@ class Batcher:
         when the rule has not had to refuse anything for as long (`_end_quiet_overload`): held at
         the target, waits stay short by construction, so they cannot be the signal, and an emptied
         queue under overload is only the dispatcher taking all of a short queue at once."""
+        if self.config.max_queue_wait_ms <= 0:
+            return  # time bounds off: no standing-queue rule either
         interval = self.config.queue_interval_ms / 1000.0
         if self._overloaded:
             self._end_quiet_overload(now)
@@ -397,12 +399,12 @@ class Batcher:
         return batch
 
     def _batch_tokens(self) -> int:
-        """The token budget of the next batch: `max_batch_tokens`, and, where time bounds are on and
-        runs have been timed, no more than runs within `queue_target_ms`. On one CPU thread a batch
-        of 8 real pairs takes ~190 ms, so without it a call admitted under overload would wait the
-        target and then run for longer than that."""
+        """The token budget of the next batch: `max_batch_tokens`, and, under a standing queue, no
+        more than runs within `queue_target_ms`. On one CPU thread a batch of 8 real pairs takes
+        ~190 ms, so a call admitted at the target would otherwise run for longer than it waited.
+        Outside overload batches stay as wide as throughput wants: a burst drains fastest that way."""
         cfg = self.config
-        if cfg.max_queue_wait_ms <= 0 or cfg.queue_target_ms <= 0 or self._seconds_per_token is None:
+        if not self._overloaded or cfg.queue_target_ms <= 0 or self._seconds_per_token is None:
             return cfg.max_batch_tokens
         units = cfg.queue_target_ms / 1000.0 / self._seconds_per_token
         return max(1, min(cfg.max_batch_tokens, int(units) - self.cost.overhead))
