@@ -67,10 +67,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     _flag(ap, "--max-queue-wait-ms", float, d_batch.max_queue_wait_ms,
           "estimated engine time queued before RESOURCE_EXHAUSTED, a burst's bound (0 = no time bounds)")
     _flag(ap, "--queue-target-ms", float, d_batch.queue_target_ms,
-          "under a standing queue (batches waited longer than this for --queue-interval-ms on end), admit "
-          "only while the queue holds less than this much engine work; no batch is planned to run longer")
+          "under a standing queue (see --standing-wait-ms), admit only while the queue holds less than this "
+          "much engine work, and plan no batch to run longer")
+    _flag(ap, "--standing-wait-ms", float, d_batch.standing_wait_ms,
+          "batches that waited longer than this for --queue-interval-ms on end make a standing queue")
     _flag(ap, "--queue-interval-ms", float, d_batch.queue_interval_ms,
-          "how long batches must wait over --queue-target-ms before the queue counts as standing")
+          "how long batches must wait over --standing-wait-ms before the queue counts as standing")
     _flag(ap, "--batch-overhead-tokens", int, d_batch.batch_overhead_tokens,
           "fixed cost of one engine run in padded tokens, for splitting the queue into batches (0 = by device)")
     _flag(ap, "--max-message-bytes", int, d_limits.max_message_bytes, "largest gRPC message accepted")
@@ -118,7 +120,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             batcher=BatcherConfig(max_batch_size=args.max_batch_size, max_batch_tokens=args.max_batch_tokens,
                                   max_queue_delay_ms=args.max_queue_delay_ms, max_queue_size=args.max_queue_size,
                                   max_queue_wait_ms=args.max_queue_wait_ms,
-                                  queue_target_ms=args.queue_target_ms, queue_interval_ms=args.queue_interval_ms,
+                                  queue_target_ms=args.queue_target_ms, standing_wait_ms=args.standing_wait_ms,
+                                  queue_interval_ms=args.queue_interval_ms,
                                   batch_overhead_tokens=args.batch_overhead_tokens),
             poll_interval_s=args.poll_interval_s,
             pinned=parse_pins(args.pin),

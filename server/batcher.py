@@ -70,12 +70,14 @@ class BatcherConfig:
     max_queue_size: int = 1024  # items waiting, not counting the batch on the engine
     max_queue_wait_ms: float = 1000.0  # estimated engine time queued before refusing (0 = no time bounds)
     # CoDel's idea applied to admission: a burst may queue up to max_queue_wait_ms, but once batches
-    # have left after waiting more than queue_target_ms for queue_interval_ms on end (a standing
+    # have left after waiting more than standing_wait_ms for queue_interval_ms on end (a standing
     # queue: overload, not a burst), new items are admitted only while the queue holds less than
     # queue_target_ms of work. Admitted calls then wait about the target instead of the hard bound.
     # Nor is a batch then planned to run longer than the target (see `_batch_tokens`), so a call
-    # admitted under overload takes about twice the target.
+    # admitted under overload takes about twice the target. Detection has its own, higher threshold:
+    # at 70% load on one-thread lanes, waits of a run or two (50-150 ms) are normal, not overload.
     queue_target_ms: float = 80.0
+    standing_wait_ms: float = 200.0
     queue_interval_ms: float = 1000.0
     batch_overhead_tokens: int = 0  # 0 = by device; see BatchCost
 
@@ -83,9 +85,9 @@ class BatcherConfig:
         if self.max_batch_size < 0 or self.max_queue_size < 1 or self.max_batch_tokens < 1:
             raise ValueError("batch size must not be negative; queue size and token budget must be positive")
         if min(self.max_queue_delay_ms, self.max_queue_wait_ms, self.batch_overhead_tokens, self.queue_target_ms,
-               self.queue_interval_ms) < 0:
-            raise ValueError("max_queue_delay_ms, max_queue_wait_ms, queue_target_ms, queue_interval_ms and "
-                             "batch_overhead_tokens must not be negative")
+               self.standing_wait_ms, self.queue_interval_ms) < 0:
+            raise ValueError("max_queue_delay_ms, max_queue_wait_ms, queue_target_ms, standing_wait_ms, "
+                             "queue_interval_ms and batch_overhead_tokens must not be negative")
 
     def for_device(self, on_gpu: bool) -> BatcherConfig:
         """Fills the by-device defaults (0) for the engine this batcher will feed."""
@@ -190,7 +192,7 @@ class Batcher:
         self._running = 0  # batches on the engine
         self._running_work: dict[int, tuple[float, int]] = {}  # per running batch: start, cost units
         self._overloaded = False  # a standing queue: admission holds the queue at queue_target_ms
-        self._long_since: float | None = None  # every batch since then left after waiting > target
+        self._long_since: float | None = None  # every batch since then left after waiting > standing_wait_ms
         self._last_refusal = 0.0  # when the standing-queue rule last refused (event-loop clock)
         self._closed = False
         self._executor = ThreadPoolExecutor(max_workers=self.lanes, thread_name_prefix=f"ort-{name}")
@@ -220,7 +222,7 @@ class Batcher:
 
     def _note_wait(self, oldest_wait: float, now: float) -> None:
         """Called as a batch leaves the queue, with the wait of its oldest item. An overload starts
-        after every leaving batch waited over the target for `queue_interval_ms` (a batch that
+        after every leaving batch waited over `standing_wait_ms` for `queue_interval_ms` (a batch that
         empties the queue while no other runs voids that evidence: the engine caught up). It ends
         when the rule has not had to refuse anything for as long (`_end_quiet_overload`): held at
         the target, waits stay short by construction, so they cannot be the signal, and an emptied
@@ -230,7 +232,7 @@ class Batcher:
         interval = self.config.queue_interval_ms / 1000.0
         if self._overloaded:
             self._end_quiet_overload(now)
-        elif oldest_wait * 1000.0 <= self.config.queue_target_ms or (not self._queue and self._running == 0):
+        elif oldest_wait * 1000.0 <= self.config.standing_wait_ms or (not self._queue and self._running == 0):
             self._long_since = None
         elif self._long_since is None:
             self._long_since = now
@@ -282,9 +284,9 @@ class Batcher:
             if work is not None and work * 1000.0 > cfg.queue_target_ms and self._overloaded:
                 self._last_refusal = now
                 raise QueueFull(
-                    f"overloaded: batches have waited over {cfg.queue_target_ms:.0f} ms for "
+                    f"overloaded: batches have waited over {cfg.standing_wait_ms:.0f} ms for "
                     f"{cfg.queue_interval_ms:.0f} ms on end, and the queue holds ~{work * 1000.0:.0f} ms "
-                    "of engine work with these items"
+                    f"of engine work with these items, over the {cfg.queue_target_ms:.0f} ms target"
                 )
             if work is not None and deadline is not None and now + work > deadline:
                 # It would expire in the queue: say so now, while the client can still go elsewhere.

@@ -18,7 +18,7 @@ from server.features import EncodedRequest
 RUN_S = 0.05  # one item per batch: 20 items/s
 ITEM = EncodedRequest(input_ids=(1, 5, 2), token_type_ids=(0, 0, 0), site_id=0, ner_ids=(), industry_id=0)
 CONFIG = BatcherConfig(max_batch_size=1, max_queue_delay_ms=0, max_queue_wait_ms=10_000,
-                       queue_target_ms=100, queue_interval_ms=300)
+                       queue_target_ms=100, standing_wait_ms=100, queue_interval_ms=300)
 
 
 def engine(inputs: dict[str, np.ndarray]) -> tuple[np.ndarray, float]:
