@@ -90,7 +90,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--max-reruns", type=int, default=2,
                     help="per sweep: steps run again because other processes used > 0.3 cores meanwhile")
     ap.add_argument("--probe-s", type=float, default=2.0, help="raw-engine re-measure before each step (0 = off)")
-    ap.add_argument("--what-if", default="--max-batch-size 8;--intra-op-threads 2 --engine-lanes 1",
+    ap.add_argument("--what-if", default="--max-batch-size 16;--intra-op-threads 2 --engine-lanes 1",
                     help="';'-separated server flag sets, each run at the --what-if-fractions ('' = none)")
     ap.add_argument("--what-if-fractions", type=floats, default=[0.5, 1.0])
     ap.add_argument("--what-if-step-s", type=float, default=10.0)
