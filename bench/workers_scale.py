@@ -292,10 +292,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--model", default="demo")
     ap.add_argument("--out", type=Path, default=Path("bench_out"), help="results go to <out>/workers_scale/")
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="JSONL query/title pairs [%(default)s]")
-    ap.add_argument("--configs", type=configs, default=configs("1:2,2:1,2:0,3:1"),
+    ap.add_argument("--configs", type=configs, default=configs("1:0,1:2,2:1,2:0,3:1"),
                     help="workers:threads-per-worker, comma-separated (threads 0 = the server's default: each "
                          "worker gets its share of the cores as one-thread lanes; a configuration equal to an "
-                         "earlier one is skipped) [1:2,2:1,2:0,3:1]")
+                         "earlier one is skipped; the first is the baseline) [1:0,1:2,2:1,2:0,3:1]")
     ap.add_argument("--fixed-fraction", type=float, default=0.6,
                     help="the fixed load (fraction of the engine limit) every configuration's p99 is read at")
     ap.add_argument("--fractions", type=floats, default=[0.9], help="more grid steps (fractions of the limit)")
@@ -320,7 +320,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     args.batch_sizes = [int(b) for b in args.batch_sizes]
     if args.quick:
-        args.configs, args.fractions, args.refine, args.step_s = configs("1:2,2:1,2:0"), [1.0], 0, 4.0
+        args.configs, args.fractions, args.refine, args.step_s = configs("1:0,1:2,2:1"), [1.0], 0, 4.0
         args.batch_sizes, args.engine_rounds, args.engine_min_s = [8, 16], 1, 0.8
     return args
 
@@ -354,6 +354,13 @@ def plot(results: dict[str, Any], path: Path) -> Path:
     return path
 
 
+def shape(run: dict[str, Any], default_lanes: int) -> str:
+    """'2 × 1' (workers × threads per run, one run at a time) or '1 × 2 lanes × 1 (default)'."""
+    if run["threads_flag"]:
+        return f"{run['workers']} × {run['threads_per_worker']}"
+    return f"{run['workers']} × {run.get('lanes_per_worker', default_lanes)} lanes × 1 (default)"
+
+
 def interpretation(runs: Sequence[dict[str, Any]], cores: int, best_batch: int) -> list[str]:
     """Sentences that follow the measured numbers (whichever way they went)."""
     base = runs[0]
@@ -361,27 +368,26 @@ def interpretation(runs: Sequence[dict[str, Any]], cores: int, best_batch: int) 
     key = "max_sustained_rate" if all(r["max_sustained_rate"] > 0 for r in runs) else "saturation_rate"
     what = "max sustained rate" if key == "max_sustained_rate" else "completions per second"
     note = "" if key == "max_sustained_rate" else " (some configuration sustained no step: most completed per second)"
-    out = [f"- {what.capitalize()}{note}: " + "; ".join(
-        f"{r['workers']} × {r['threads_per_worker']} threads {r[key]:.1f}/s" for r in runs) + "."]
+    out = [f"- {what.capitalize()}{note}: " + "; ".join(f"{shape(r, cores)} {r[key]:.1f}/s" for r in runs) + "."]
     multi = [r for r in runs if r["workers"] > 1]
     if not multi or base[key] <= 0:
         return out
     best = max(multi, key=lambda r: r[key])
     gain = best[key] / base[key]
     verdict = ("about the same as" if 0.95 <= gain <= 1.05 else "more than" if gain > 1.05 else "less than")
-    out.append(f"- The best multi-worker configuration ({best['workers']} × {best['threads_per_worker']}) did "
-               f"{gain:.2f} × one worker's {what}: {verdict} one worker.")
+    out.append(f"- The best multi-worker configuration ({shape(best, cores)}) did {gain:.2f} × the {what} of "
+               f"{shape(base, cores)}: {verdict} one worker.")
     out.append(
-        f"- Why: on {cores} cores more workers cannot add compute. One worker's ONNX Runtime already spreads each "
-        f"batch over {base['threads_per_worker']} threads, one per core, and the engine is where the CPU goes "
+        f"- Why: on {cores} cores more workers cannot add compute. One worker's engine already keeps every core "
+        f"busy ({shape(base, cores)}), and the engine is where the CPU goes "
         f"(server CPU at the fixed load: {base['fixed_load_step']['cpu']['server_cores']:.2f} cores for one "
         "worker). Workers only change how the same cores are shared: each worker has its own event loop (gRPC, "
         "decoding and tokenizing run in parallel rather than on one Python thread, which helps only if the event "
         "loop is the bottleneck), each batches only its share of the traffic (smaller batches at the same load, "
-        f"while the raw engine does best at batch {best_batch}), and with one thread per worker two batches run "
-        "side by side instead of one batch split over two threads (no synchronisation inside a batch, but each "
-        "batch takes longer). At the fixed load: " + "; ".join(
-            f"{r['workers']} × {r['threads_per_worker']}: batches of {fmt(fx['mean_batch_size'])} items, "
+        f"while the raw engine does best at batch {best_batch}); one-thread runs side by side, as lanes of one "
+        "worker or as workers, need no synchronisation inside a batch, but each batch takes longer than one "
+        "split over every core. At the fixed load: " + "; ".join(
+            f"{shape(r, cores)}: batches of {fmt(fx['mean_batch_size'])} items, "
             f"{fmt(fx['mean_engine_ms_per_batch'])} ms each"
             for r in runs if (fx := r["fixed_load_step"]["server"]) is not None)
         + ". More threads than cores in total (workers × threads > "
@@ -435,10 +441,8 @@ def markdown(results: dict[str, Any]) -> str:
         fx = run["fixed_load_step"]
         share = fx["per_worker_items"]
         tot = sum(share) or 1.0
-        shape = (f"{run['workers']} × {run['threads_per_worker']}" if run["threads_flag"] else
-                 f"{run['workers']} × {run.get('lanes_per_worker', dflt)} lanes × 1 (default)")
         lines.append(
-            f"| {shape} | "
+            f"| {shape(run, dflt)} | "
             f"{run['total_threads']} | {run['max_sustained_rate']:.1f} | {run['max_sustained_ratio']:.2f} | "
             f"{fmt(run['max_sustained_rate'] / b if (b := base['max_sustained_rate']) else None, 2)} | "
             f"{run['saturation_rate']:.1f} | "
