@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
 
 import numpy as np
 
@@ -115,3 +116,28 @@ def test_under_a_standing_queue_no_batch_is_planned_to_run_longer_than_the_targe
     assert len(held) >= 5, runs
     # The first one may have been planned just before the queue counted as standing.
     assert max(held[1:]) <= 3, runs
+
+
+def test_with_time_bounds_off_no_standing_queue_is_declared() -> None:
+    """`--max-queue-wait-ms 0` leaves only the item bound: a flood queues, nothing is refused, and
+    the standing-queue rule never switches on (so it never narrows batches either)."""
+    config = replace(CONFIG, max_batch_size=4, max_queue_wait_ms=0)
+    batchers: list[Batcher] = []
+    runs: list[tuple[int, bool]] = []  # batch size, standing queue declared
+
+    def watched_engine(inputs: dict[str, np.ndarray]) -> tuple[np.ndarray, float]:
+        runs.append((inputs["input_ids"].shape[0], batchers[0]._overloaded))
+        return engine(inputs)
+
+    async def scenario() -> list[tuple[float, float | None, str]]:
+        batcher = Batcher(watched_engine, config, lanes=1)
+        batchers.append(batcher)
+        batcher.start()
+        flood = await _flood(batcher, rate=120, seconds=1.5)  # 1.5x what batches of 4 every 50 ms serve
+        await batcher.close()
+        return flood
+
+    flood = asyncio.run(scenario())
+    assert all(o[2] == "ok" for o in flood), [o[2] for o in flood if o[2] != "ok"][:1]
+    assert not any(standing for _, standing in runs), runs
+    assert max(size for size, _ in runs) == 4, runs
