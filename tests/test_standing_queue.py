@@ -12,6 +12,7 @@ import time
 from dataclasses import replace
 
 import numpy as np
+import pytest
 
 from server.batcher import Batcher, BatcherConfig, QueueFull
 from server.features import EncodedRequest
@@ -141,3 +142,27 @@ def test_with_time_bounds_off_no_standing_queue_is_declared() -> None:
     assert all(o[2] == "ok" for o in flood), [o[2] for o in flood if o[2] != "ok"][:1]
     assert not any(standing for _, standing in runs), runs
     assert max(size for size, _ in runs) == 4, runs
+
+
+def test_the_work_estimate_counts_the_narrower_batches_of_a_standing_queue() -> None:
+    """Admission under a standing queue weighs what the queue will cost as the batcher will run it:
+    batches cut to the target's run time, each with its fixed cost."""
+    config = BatcherConfig(max_batch_size=8, max_queue_delay_ms=0, max_queue_wait_ms=10_000,
+                           queue_target_ms=70, batch_overhead_tokens=24)
+
+    async def scenario() -> tuple[float, float, float]:
+        batcher = Batcher(engine, config, lanes=1)
+        batcher.start()
+        await batcher.submit([ITEM])[0]  # one timed run: 27 units in RUN_S
+        per_unit = RUN_S / 27
+        now = asyncio.get_running_loop().time()
+        wide = batcher._work_seconds(12, 36, now)  # 12 items of 3 tokens: batches of 8 and 4
+        batcher._overloaded = True  # a standing queue: 70 ms is 37 units, 13 tokens, 4 items a batch
+        narrow = batcher._work_seconds(12, 36, now)
+        await batcher.close()
+        assert wide is not None and narrow is not None
+        return wide, narrow, per_unit
+
+    wide, narrow, per_unit = asyncio.run(scenario())
+    assert wide == pytest.approx((36 + 2 * 24) * per_unit)
+    assert narrow == pytest.approx((36 + 3 * 24) * per_unit)
