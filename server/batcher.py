@@ -3,9 +3,10 @@
 Shape of the loop (after text-embeddings-inference's queue/infer split):
 - `submit` admits items or refuses at once (no waiting for room) when the queue holds
   `max_queue_size` items, or more than `max_queue_wait_ms` of engine work (estimated from the
-  batches just run), or more work than the call's deadline leaves time for, or, while a standing
-  queue persists, more than `queue_target_ms` (below): under overload the excess is refused in
-  microseconds instead of expiring in the queue, and what is admitted waits a bounded time;
+  batches just run), or more work than the call's deadline leaves time for, or, under overload (a
+  standing queue fed faster than full batches drain it), more than `queue_target_ms` (below): the
+  excess is refused in microseconds instead of expiring in the queue, and what is admitted waits a
+  bounded time;
 - one dispatcher task owns the queue: it waits until the engine is free or a full batch is
   queued (and, when the engine is idle, at most `max_queue_delay_ms` for more arrivals), drops
   items whose client went away or whose deadline passed, and builds a batch around the oldest
@@ -70,12 +71,12 @@ class BatcherConfig:
     max_queue_size: int = 1024  # items waiting, not counting the batch on the engine
     max_queue_wait_ms: float = 1000.0  # estimated engine time queued before refusing (0 = no time bounds)
     # CoDel's idea applied to admission: a burst may queue up to max_queue_wait_ms, but once batches
-    # have left after waiting more than standing_wait_ms for queue_interval_ms on end (a standing
-    # queue: overload, not a burst), new items are admitted only while the queue holds less than
-    # queue_target_ms of work. Admitted calls then wait about the target instead of the hard bound.
-    # Nor is a batch then planned to run longer than the target (see `_batch_tokens`), so a call
-    # admitted under overload takes about twice the target. Detection has its own, higher threshold:
-    # at 70% load on one-thread lanes, waits of a run or two are normal, not overload.
+    # have left after waiting more than standing_wait_ms for queue_interval_ms on end, while more
+    # work arrived in that interval than the lanes run at full batches (overload, not a burst, and
+    # not the long waits of eager small batches near capacity), new items are admitted only while
+    # the queue holds less than queue_target_ms of work. Admitted calls then wait about the target
+    # instead of the hard bound. Nor is a batch then planned to run longer than the target (see
+    # `_batch_tokens`), so a call admitted under overload takes about twice the target.
     queue_target_ms: float = 80.0
     standing_wait_ms: float = 200.0
     queue_interval_ms: float = 1000.0
@@ -161,6 +162,35 @@ def _no_stats(_stats: BatchStats) -> None:
     return None
 
 
+@dataclass(slots=True)
+class _ArrivalWindow:
+    """Cost units of arriving items in tumbling windows of one interval: the current window's and
+    the last whole one's."""
+
+    start: float | None = None
+    units: float = 0.0
+    last_units: float = 0.0
+    last_seconds: float = 0.0
+
+    def _roll(self, now: float, interval: float) -> None:
+        if self.start is None:
+            self.start = now
+        elif now - self.start >= interval:
+            if now - self.start >= 2 * interval:  # a quiet window passed with nothing in it
+                self.last_units, self.last_seconds = 0.0, interval
+            else:
+                self.last_units, self.last_seconds = self.units, now - self.start
+            self.start, self.units = now, 0.0
+
+    def add(self, now: float, interval: float, units: float) -> None:
+        self._roll(now, interval)
+        self.units += units
+
+    def last(self, now: float, interval: float) -> tuple[float, float]:
+        self._roll(now, interval)
+        return self.last_units, self.last_seconds
+
+
 @dataclass(eq=False, slots=True)
 class _Pending:
     item: EncodedRequest
@@ -193,7 +223,9 @@ class Batcher:
         self._running_work: dict[int, tuple[float, int]] = {}  # per running batch: start, cost units
         self._overloaded = False  # a standing queue: admission holds the queue at queue_target_ms
         self._long_since: float | None = None  # every batch since then left after waiting > standing_wait_ms
+        self._overload_since = 0.0
         self._last_refusal = 0.0  # when the standing-queue rule last refused (event-loop clock)
+        self._arrivals = _ArrivalWindow()
         self._closed = False
         self._executor = ThreadPoolExecutor(max_workers=self.lanes, thread_name_prefix=f"ort-{name}")
         self._task: asyncio.Task[None] | None = None
@@ -237,16 +269,34 @@ class Batcher:
             self._long_since = None
         elif self._long_since is None:
             self._long_since = now
-        elif now - self._long_since >= interval:
+        elif now - self._long_since >= interval and self.offered_load(now) >= 1.0:
             self._set_overloaded(True, now)
 
+    def offered_load(self, now: float) -> float:
+        """Work that arrived (admitted or refused) in the last whole `queue_interval_ms`, as a share
+        of what the lanes run in that time at full batches; 0 until a batch has been timed. Under 1,
+        long waits are eager small batches near capacity, which grow by themselves as the queue does:
+        refusing then would turn away calls the engine has time for."""
+        if self._seconds_per_token is None:
+            return 0.0
+        units, seconds = self._arrivals.last(now, self.config.queue_interval_ms / 1000.0)
+        return units * self._seconds_per_token / (seconds * self.lanes) if seconds > 0 else 0.0
+
     def _end_quiet_overload(self, now: float) -> None:
-        if self._overloaded and (now - self._last_refusal) * 1000.0 >= self.config.queue_interval_ms:
+        """Overload ends once the rule has refused nothing for an interval, or the last interval's
+        arrivals fit the engine at full batches (near capacity the hold refuses now and then
+        without an overload: it would never go quiet)."""
+        if not self._overloaded:
+            return
+        interval = self.config.queue_interval_ms / 1000.0
+        if now - self._last_refusal >= interval or (
+                now - self._overload_since >= interval and self.offered_load(now) < 1.0):
             self._set_overloaded(False, now)
 
     def _set_overloaded(self, overloaded: bool, now: float) -> None:
         self._long_since = None
         self._last_refusal = now  # a fresh overload lasts at least one interval
+        self._overload_since = now
         if overloaded != self._overloaded:
             self._overloaded = overloaded
             log.info("standing queue" if overloaded else "standing queue gone",
@@ -274,6 +324,9 @@ class Batcher:
         tokens = sum(it.length for it in items)
         loop = asyncio.get_running_loop()
         now = loop.time()
+        # Refused work counts too: the offered load, not what admission let through.
+        self._arrivals.add(now, cfg.queue_interval_ms / 1000.0,
+                           tokens + len(items) * self.cost.overhead / cfg.max_batch_size)
         if cfg.max_queue_wait_ms > 0 and self._queue:  # an empty queue always admits: no starvation
             work = self._work_seconds(len(self._queue) + len(items), self._queued_tokens + tokens, now)
             if work is not None and work * 1000.0 > cfg.max_queue_wait_ms:

@@ -166,3 +166,47 @@ def test_the_work_estimate_counts_the_narrower_batches_of_a_standing_queue() -> 
     wide, narrow, per_unit = asyncio.run(scenario())
     assert wide == pytest.approx((36 + 2 * 24) * per_unit)
     assert narrow == pytest.approx((36 + 3 * 24) * per_unit)
+
+
+
+def test_after_a_slow_spell_the_rule_lets_go_once_full_batches_keep_up() -> None:
+    """A noisy neighbour slows the engine 2.5x for 0.7 s under 80% load: a real, short overload, and
+    refusals are right then. Once the engine is back, full batches serve the load again, but the
+    hold's narrower batches (three items, 91/s on two lanes) do not, and the hold refuses now and
+    then: quiet time alone never ended it. The offered load measured against full batches does."""
+    per_unit_s = 0.002
+    runs: list[tuple[float, bool]] = []  # start (s into the flood), standing queue declared
+    batchers: list[Batcher] = []
+    started = [0.0]
+    spell = (0.3, 1.0)
+
+    def noisy_engine(inputs: dict[str, np.ndarray]) -> tuple[np.ndarray, float]:
+        b, seq = inputs["input_ids"].shape
+        t = time.monotonic() - started[0]
+        runs.append((t, batchers[0]._overloaded))
+        elapsed = (24 + b * seq) * per_unit_s * (2.5 if spell[0] < t < spell[1] else 1.0)
+        time.sleep(elapsed)
+        return np.zeros((b, 2), np.float32), elapsed
+
+    # Full batches: 8 items in (24 + 24) x 2 ms = 96 ms, 83/s per lane; 133/s offered is 80% of
+    # two lanes' worth.
+    config = BatcherConfig(max_batch_size=8, max_queue_delay_ms=0, max_queue_wait_ms=10_000,
+                           queue_target_ms=70, standing_wait_ms=100, queue_interval_ms=300,
+                           batch_overhead_tokens=24)
+
+    async def scenario() -> list[tuple[float, float | None, str]]:
+        batcher = Batcher(noisy_engine, config, lanes=2)
+        batchers.append(batcher)
+        batcher.start()
+        await batcher.submit([ITEM])[0]
+        started[0] = time.monotonic()
+        flood = await _flood(batcher, rate=133, seconds=3.5)
+        await batcher.close()
+        return flood
+
+    flood = asyncio.run(scenario())
+    refused = [o[0] - started[0] for o in flood if o[1] is None]
+    assert refused, "the slow spell never counted as an overload"
+    # Within two intervals of the spell's end the offered load (against full batches) is under 1.
+    assert max(refused) < spell[1] + 0.6, f"still refusing {max(refused):.2f} s into the flood"
+    assert not any(overloaded for t, overloaded in runs if t > spell[1] + 0.9), runs
