@@ -70,7 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
           "under a standing queue (see --standing-wait-ms), admit only while the queue holds less than this "
           "much engine work, and plan no batch to run longer")
     _flag(ap, "--standing-wait-ms", float, d_batch.standing_wait_ms,
-          "batches that waited longer than this for --queue-interval-ms on end make a standing queue")
+          "batches that waited longer than this for --queue-interval-ms on end, while more work arrived than "
+          "the lanes run at full batches, make a standing queue")
     _flag(ap, "--queue-interval-ms", float, d_batch.queue_interval_ms,
           "how long batches must wait over --standing-wait-ms before the queue counts as standing")
     _flag(ap, "--batch-overhead-tokens", int, d_batch.batch_overhead_tokens,
