@@ -6,12 +6,15 @@ and a check that cached answers equal computed ones.
 
 The stream: the distinct model inputs of the real query/title pairs, ranked in a seeded random order
 (the file carries no query frequencies, so the ranking cannot come from it) and drawn from a Zipf law,
-P(rank k) ∝ k^-s. A cached step plays a fixed number of requests (`--stream-requests`) from a cold
-cache, so every step sees the same stream and therefore the same hit rate whatever the rate offered
-(a step that would outlast `--max-cached-step-s` plays fewer, and its table row says what they imply).
-Cold without restarts: each cached step tags its requests with a site name of its own (from the
-model's site vocabulary); the site is part of the cache key, so no step can hit an earlier step's
-entries. A site is a table look-up in the model input and costs the engine nothing.
+P(rank k) ∝ k^-s. Sustained throughput is a steady state: before each cached step the cache is given
+what `--warm-requests` earlier requests of the stream put there (the distinct inputs among that many
+draws, each sent once, unmeasured), and the step then plays a fixed number of requests
+(`--stream-requests`), so every step sees the same stream and the same hit rate whatever the rate
+offered (a step that would outlast `--max-cached-step-s` plays fewer, and its table row says what they
+imply). After the sweep one step at the best sustained rate starts from a cold cache, as a new version
+does after a hot swap. Each step tags its requests with a site name of its own (from the model's site
+vocabulary); the site is part of the cache key, so no step can hit an earlier step's entries, without
+restarting the server. A site is a table look-up in the model input and costs the engine nothing.
 
 Writes <out>/cache_zipf/results.json and cache_zipf.png, and its section of BENCHMARKS.md.
 """
@@ -239,6 +242,11 @@ class Stream:
                                  .SerializeToString() for p in self.ranked]
         return self._cache[site]
 
+    def warm_keys(self, requests: int, seed: int) -> list[int]:
+        """The ranks that `requests` draws of the stream put in an unbounded cache (each once)."""
+        draws = np.random.default_rng(seed).choice(len(self.p), size=requests, p=self.p)
+        return sorted(set(draws.tolist()))
+
     def requests(self, site: str) -> list[bytes]:
         """What run_open_loop picks from uniformly: Zipf draws (shared bytes objects, no copies)."""
         bodies = self.serialized(site)
@@ -304,7 +312,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="JSONL query/title pairs [%(default)s]")
     ap.add_argument("--zipf-s", type=float, default=1.0, help="Zipf exponent: P(rank k) ∝ k^-s")
     ap.add_argument("--stream-requests", type=int, default=6000,
-                    help="requests per cached step, from a cold cache (fixes the stream's hit rate)")
+                    help="requests per cached step (with --warm-requests, fixes the stream's hit rate)")
+    ap.add_argument("--warm-requests", type=int, default=6000,
+                    help="before each cached step the cache holds what this many earlier requests of the "
+                         "stream put there (0 = every step from a cold cache)")
     ap.add_argument("--seed", type=int, default=7, help="ranking and Zipf draws")
     ap.add_argument("--threads", type=int, default=0,
                     help="ORT threads per run, offline and in the server (0 = the server's CPU default)")
@@ -336,6 +347,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.batch_sizes, args.engine_rounds, args.engine_min_s = [8, 16], 1, 0.8
         args.uncached_fractions, args.step_s = [0.6, 1.0], 4.0
         args.cached_fractions, args.stream_requests, args.refine = [1.5, 3.0], 2000, 0
+        args.warm_requests = 2000
         args.max_cached_step_s = 10.0
         args.exact_sample = 60
     return args
@@ -372,17 +384,25 @@ async def cached_phase(args: argparse.Namespace, data: ModelData, limit: float, 
     epochs = iter(sites)
     n = args.stream_requests
 
-    async def measure(channel: grpc.aio.Channel, fraction: float) -> Step:
+    async def measure(channel: grpc.aio.Channel, fraction: float, warm: int = args.warm_requests) -> Step:
         site = next(epochs)
+        if warm:
+            keys = stream.warm_keys(warm, seed=args.seed + len(sites) + int(fraction * 1000))
+            bodies = stream.serialized(site)
+            t0 = time.perf_counter()
+            await fetch(server.target, [bodies[k] for k in keys], args.timeout_s)
+            log(f"    warm-up: {len(keys):,} distinct inputs of {warm:,} draws in {time.perf_counter() - t0:.1f} s")
         # Every step the same stream length (so the same hit rate), unless that would take too long.
         step_cfg = dataclasses.replace(cfg, step_s=min(n / (fraction * limit), args.max_cached_step_s))
         before = await server.ascrape()
         step = await run_step(server, channel, stream.requests(site), fraction, step_cfg, None, log, "cache on")
         step["cache"] = cache_delta(before, await server.ascrape())
         step["site"] = site
+        step["warm_requests"] = warm
         sent = step["scheduled"]
-        step["implied_hit_rate"] = round(implied_hit_rate(stream.p, sent), 4)
-        step["implied_hit_rate_window"] = round(implied_hit_rate(stream.p, sent, 0.2), 4)
+        step["implied_hit_rate"] = round(implied_hit_rate(stream.p, warm + sent, warm / (warm + sent)), 4)
+        step["implied_hit_rate_window"] = round(
+            implied_hit_rate(stream.p, warm + sent, (warm + 0.2 * sent) / (warm + sent)), 4)
         c = step["cache"]
         log(f"    hits {c['hit_rate']}, coalesced {c['coalesced']:.0f}, not computed {c['not_computed_rate']} "
             f"(stream implies {step['implied_hit_rate']:.3f}); generator {step['cpu']['bench_cores']:.2f} cores, "
@@ -399,6 +419,11 @@ async def cached_phase(args: argparse.Namespace, data: ModelData, limit: float, 
                                 LoadConfig(rate=max(2.0, 0.2 * limit), duration_s=3.0, timeout_s=args.timeout_s))
             steps = await fraction_sweep(lambda f: measure(channel, f), args.cached_fractions, args.refine,
                                          args.max_fraction)
+            best = max((x for x in steps if x["sustainable"]), key=lambda x: x["achieved_rate"], default=None)
+            cold = None
+            if best is not None and args.warm_requests:
+                log(f"cold start: {best['fraction']:.2f} × limit from a cold cache (a new version after a swap)")
+                cold = await measure(channel, best["fraction"], warm=0)
             # Exactness: fill the cache under load (answers computed in real batches), then read the sample.
             log(f"exactness: the stream on site {exact_site!r} at 1.0 × limit for 5 s, then {len(exact_bodies)} "
                 "sampled requests twice")
@@ -413,7 +438,7 @@ async def cached_phase(args: argparse.Namespace, data: ModelData, limit: float, 
         entries = metric_sum(after, "scoring_cache_entries")
     finally:
         await asyncio.to_thread(server.stop)
-    result = {"steps": steps, **sweep_outcome(steps, limit), "stream_requests_per_step": n,
+    result = {"steps": steps, **sweep_outcome(steps, limit), "stream_requests_per_step": n, "cold_start": cold,
               "command": server.command, "cache_bytes_bound": default_cache_bytes(),
               "cache_entries_at_end": entries, "cache_bytes_at_end": cache_bytes}
     exact = {"first_pass": first, "second_pass": second,
@@ -492,6 +517,17 @@ def same_load_rows(off: Sequence[Step], on: Sequence[Step]) -> list[str]:
     return rows
 
 
+def cold_rows(cold: Step | None, limit: float) -> list[str]:
+    if cold is None:
+        return []
+    lat = cold["latency"]
+    failed = ", ".join(f"{k} {v}" for k, v in cold["failures"].items()) or "none"
+    return [f"| cold start at the best sustained rate ({cold['offered_rate']:.0f}/s offered, cache empty as after "
+            f"a swap): achieved, failed, p99, served from cache | {cold['achieved_rate']:.1f}/s, {failed}, "
+            f"{fmt(lat['p99_ms'])} ms, {fmt((cold['cache']['hit_rate'] or 0) * 100)}% | "
+            f"{cold['achieved_rate'] / limit:.2f} |"]
+
+
 def markdown(results: dict[str, Any]) -> str:
     r, a, st, eng = results, results["args"], results["stream"], results["engine"]
     limit = eng["limit"]
@@ -521,11 +557,23 @@ def markdown(results: dict[str, Any]) -> str:
             f"ranked in a seeded random order and drawn iid from a Zipf law, P(rank k) ∝ k^-s with "
             f"**s = {st['s']:g}** (web query logs measure about 1.0–1.1). The top rank gets "
             f"{st['top1_share']:.1%} of requests, the top 10 {st['top10_share']:.1%}, the top 100 "
-            f"{st['top100_share']:.1%}. Every cached step plays **{st['requests_per_step']:,} requests from a "
-            f"cold cache**; of those, the stream implies that **{st['implied_hit_rate']:.1%} repeat an earlier "
-            f"request** ({st['implied_hit_rate_window']:.1%} in the measurement window, the last 80% of the "
-            "step), the share an unbounded cache answers without computing. Each cached step tags its requests "
-            "with a site of its own (site vocabulary), which is part of the cache key: a cold cache for every "
+            f"{st['top100_share']:.1%}. " + (
+                f"Sustained throughput is a steady state, so before every cached step the cache holds what "
+                f"**{st['warm_requests']:,} earlier requests** of the stream put there (the distinct inputs among "
+                f"{st['warm_requests']:,} draws, sent once each, unmeasured); the step then plays "
+                f"**{st['requests_per_step']:,} requests**, of which the stream implies that "
+                f"**{st['implied_hit_rate']:.1%} repeat an earlier request** "
+                f"({st['implied_hit_rate_window']:.1%} in the measurement window, the last 80% of the step), "
+                "the share an unbounded cache answers without computing. From a cold cache (a new version after "
+                f"a hot swap) the same {st['requests_per_step']:,} requests imply "
+                f"{st['implied_hit_rate_cold']:.1%}: one step below starts cold. "
+                if st.get("warm_requests") else
+                f"Every cached step plays **{st['requests_per_step']:,} requests from a "
+                f"cold cache**; of those, the stream implies that **{st['implied_hit_rate']:.1%} repeat an earlier "
+                f"request** ({st['implied_hit_rate_window']:.1%} in the measurement window, the last 80% of the "
+                "step), the share an unbounded cache answers without computing. ")
+            + "Each cached step tags its requests "
+            "with a site of its own (site vocabulary), which is part of the cache key: a fresh cache for every "
             "step without restarting the server; a site is a table look-up and costs the engine nothing. "
             f"Mean tokens per request: {st['tokens_mean_stream']:.1f} in the stream (popularity-weighted) vs "
             f"{st['tokens_mean_catalogue']:.1f} over the distinct inputs."),
@@ -536,7 +584,9 @@ def markdown(results: dict[str, Any]) -> str:
         "median; the limit is the best batch size. Server: `python -m server --precision fp32 "
         f"{' '.join(arrangement_flags(a['threads']))}` (pinned, no polling), driven by `loadtest.openloop` (Poisson "
         "arrivals, latency from the scheduled send, pre-serialized requests, one channel). Cache off: "
-        f"`bench.serverload.sweep`, steps of {a['step_s']:g} s. Cache on: the same step "
+        f"`bench.serverload.sweep`, steps of {a['step_s']:g} s. Cache on: "
+        + ("the warm-up (`fetch`: 16 calls at a time, retried when refused), then " if st.get("warm_requests")
+           else "") + "the same step "
         "(`bench.serverload.run_step`) and bisection (`next_fraction`), each step lasting "
         f"{st['requests_per_step']:,} / rate seconds (at most {a.get('max_cached_step_s', 40):g} s: a step capped "
         "so plays fewer requests, and its *stream implies* column is lower). Sustainable = no failures, "
@@ -562,6 +612,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"| cache on: most completed/s at any step | {on['saturation_rate']:.1f}/s | "
         f"{on['saturation_ratio']:.2f} |",
         *same_load_rows(off["steps"], on["steps"]),
+        *cold_rows(on.get("cold_start"), limit),
         f"| exactness: {ex['cached_vs_uncached']['answers']} cached answers vs the cache-off server | max "
         f"\\|Δ\\| {fmt(ex['cached_vs_uncached']['max_abs_diff'], 8)}, "
         f"{ex['cached_vs_uncached']['bit_identical_share']:.1%} bit-identical | "
@@ -640,29 +691,32 @@ def run(args: argparse.Namespace) -> int:
     log(f"{m['cpu_model']}, {m['usable_cpus']} CPUs, code {m['git']}, load average {' '.join(m['loadavg_at_start'])}")
     data = load_model_data(args.model_repo, args.model, args.data)
     stream = Stream(data.pairs, args.zipf_s, args.seed)
-    n = args.stream_requests
+    n, w = args.stream_requests, args.warm_requests
     lengths = np.array([it.length for it in data.items])
     ranked_len = lengths[stream.order]
     results["stream"] = {
         "source": data.source, "pairs_read": data.pairs_read, "catalogue": len(data.pairs), "s": args.zipf_s,
-        "seed": args.seed, "requests_per_step": n,
-        "implied_hit_rate": round(implied_hit_rate(stream.p, n), 4),
-        "implied_hit_rate_window": round(implied_hit_rate(stream.p, n, 0.2), 4),
+        "seed": args.seed, "requests_per_step": n, "warm_requests": w,
+        "implied_hit_rate": round(implied_hit_rate(stream.p, w + n, w / (w + n)), 4),
+        "implied_hit_rate_window": round(implied_hit_rate(stream.p, w + n, (w + 0.2 * n) / (w + n)), 4),
+        "implied_hit_rate_cold": round(implied_hit_rate(stream.p, n), 4),
         "top1_share": float(stream.p[0]), "top10_share": float(stream.p[:10].sum()),
         "top100_share": float(stream.p[:100].sum()),
         "tokens_mean_catalogue": float(lengths.mean()), "tokens_mean_stream": float((stream.p * ranked_len).sum()),
     }
     s = results["stream"]
     log(f"stream: {s['catalogue']} distinct inputs ({s['source']}), Zipf s={args.zipf_s}; {n} requests per step "
-        f"imply {s['implied_hit_rate']:.1%} repeats ({s['implied_hit_rate_window']:.1%} in the window)")
+        f"after {w} imply {s['implied_hit_rate']:.1%} repeats ({s['implied_hit_rate_window']:.1%} in the window; "
+        f"{s['implied_hit_rate_cold']:.1%} from a cold cache)")
 
     log(f"raw engine: fp32, batch sizes {args.batch_sizes}, {args.engine_rounds} round(s) of ≥ {args.engine_min_s} s")
     results["engine"] = engine_limit(data, args.threads, args.batch_sizes, args.engine_rounds, args.engine_min_s)
     limit = results["engine"]["limit"]
     log(f"  limit {limit:.1f}/s at batch {results['engine']['batch_size']}")
 
-    # Sites: one for the cache-off run, one for the warm-up, one for exactness, one per cached step.
-    steps_max = len(args.cached_fractions) + args.refine
+    # Sites: one for the cache-off run, one for the warm-up, one for exactness, one per cached step
+    # and one for the cold start.
+    steps_max = len(args.cached_fractions) + args.refine + 1
     sites = site_names(data.encoder, steps_max + 3)
     off_site, exact_site, on_sites = sites[0], sites[1], sites[2:]
     rng = random.Random(args.seed)
