@@ -69,6 +69,10 @@ PANELS = [
     panel(11, "engine utilisation (busy share of its lanes)",
           [("sum by (model) (rate(scoring_inference_duration_seconds_sum{model=~\"$model\"}[5m])) / "
             "max by (model) (scoring_engine_lanes{model=~\"$model\"})", "{{model}}")], 0, 40, "percentunit"),
+    panel(12, "offered load (share of full-batch capacity) and standing queue (1 = overload, refusing)",
+          [("max by (model, version) (scoring_offered_load{model=~\"$model\"})", "offered {{model}} v{{version}}"),
+           ("max by (model, version) (scoring_standing_queue{model=~\"$model\"})",
+            "standing queue {{model}} v{{version}}")], 12, 40, "percentunit"),
 ]
 
 DASHBOARD = {

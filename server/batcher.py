@@ -187,8 +187,12 @@ class _ArrivalWindow:
         self.units += units
 
     def last(self, now: float, interval: float) -> tuple[float, float]:
-        self._roll(now, interval)
-        return self.last_units, self.last_seconds
+        """Reads without rolling: the metrics endpoint calls this from its own thread."""
+        if self.start is None or now - self.start < interval:
+            return self.last_units, self.last_seconds
+        if now - self.start >= 2 * interval:
+            return 0.0, interval
+        return self.units, now - self.start
 
 
 @dataclass(eq=False, slots=True)
@@ -229,6 +233,7 @@ class Batcher:
         self._closed = False
         self._executor = ThreadPoolExecutor(max_workers=self.lanes, thread_name_prefix=f"ort-{name}")
         self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._inflight: set[asyncio.Task[None]] = set()
         self.batches_run = 0
         self._seconds_per_token: float | None = None  # engine time per cost unit, smoothed over batches
@@ -303,12 +308,22 @@ class Batcher:
                      extra={"event": "queue_overloaded" if overloaded else "queue_recovered", "batcher": self.name})
 
     @property
+    def overloaded(self) -> bool:
+        """The standing-queue rule holds admission at `queue_target_ms`."""
+        return self._overloaded
+
+    @property
     def idle(self) -> bool:
         return not self._queue and self._running == 0
 
     def start(self) -> None:
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._dispatch_loop(), name=f"{self.name}-dispatch")
+            self._loop = asyncio.get_running_loop()
+            self._task = self._loop.create_task(self._dispatch_loop(), name=f"{self.name}-dispatch")
+
+    def current_offered_load(self) -> float:
+        """`offered_load` now, for the metrics endpoint (on its own thread; reads only)."""
+        return self.offered_load(self._loop.time()) if self._loop is not None else 0.0
 
     def submit(
         self, items: Sequence[EncodedRequest], deadline: float | None = None

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from server.batcher import BatcherConfig
+from server.batcher import Batcher, BatcherConfig
 from server.manifest import ManifestError, read_manifest, verify_files
 from server.metrics import Metrics
 from server.model import LoadedModel, ModelState
@@ -314,6 +314,8 @@ class ModelManager:
         m = self.metrics
         m.model_info.clear()
         m.queue_depth.clear()  # an unloaded version's series goes, and with it any hold on its engine
+        m.offered_load.clear()
+        m.standing_queue.clear()
         m.engine_lanes.clear()
         for name, records in self._models.items():
             for version, r in records.versions.items():
@@ -323,7 +325,10 @@ class ModelManager:
                     heads = str(len(r.loaded.srcids)) if r.loaded else "0"
                     m.model_info.labels(name, str(version), heads, precision, provider, r.state.value).set(1)
                 if r.loaded is not None:
-                    m.queue_depth.labels(name, str(version)).set_function(_depth_of(r.loaded))
+                    labels = (name, str(version))
+                    m.queue_depth.labels(*labels).set_function(_read(r.loaded, lambda b: b.queue_depth))
+                    m.offered_load.labels(*labels).set_function(_read(r.loaded, Batcher.current_offered_load))
+                    m.standing_queue.labels(*labels).set_function(_read(r.loaded, lambda b: b.overloaded))
                     m.engine_lanes.labels(name, str(version)).set(r.loaded.batcher.lanes)
         for listener in self._listeners:
             listener()
@@ -396,12 +401,12 @@ class ModelManager:
         self._background.shutdown(wait=False)
 
 
-def _depth_of(model: LoadedModel) -> Callable[[], float]:
+def _read(model: LoadedModel, value: Callable[[Batcher], float]) -> Callable[[], float]:
     # A weak reference: a metrics callback must never keep an unloaded version's engine alive.
     ref = weakref.ref(model.batcher)
 
-    def depth() -> float:
+    def read() -> float:
         batcher = ref()
-        return float(batcher.queue_depth) if batcher is not None else 0.0
+        return float(value(batcher)) if batcher is not None else 0.0
 
-    return depth
+    return read

@@ -4,7 +4,7 @@ Label values are never taken from request text: model and version are those of l
 (or the fixed value `unknown`), reasons come from the closed `LostReason` set.
 
 Series budget per replica (documented in README.md, "Metrics"):
-- per model version: pv 1, lost 7 (one per reason), queue depth 1, info 1;
+- per model version: pv 1, lost 7 (one per reason), queue depth 1, offered load 1, standing queue 1, info 1;
 - per model: 5 histograms x 16 series;
 - per head: `head_trigger_total` 1 + `head_score` histogram 4 buckets + sum + count = 7,
   so 500 heads cost 3,500 series per model, whatever the traffic.
@@ -142,6 +142,13 @@ class Metrics:
                                        ["model"], buckets=RATIO_BUCKETS, registry=r)
         self.queue_depth = Gauge("scoring_queue_depth", "Items waiting for a batch", ["model", "version"],
                                  registry=r)
+        self.offered_load = Gauge("scoring_offered_load",
+                                  "Engine work that arrived in the last --queue-interval-ms, refused calls included, "
+                                  "as a share of what the lanes run at full batches: near 1 is capacity",
+                                  ["model", "version"], registry=r)
+        self.standing_queue = Gauge("scoring_standing_queue",
+                                    "1 while overload holds admission at --queue-target-ms (calls over it are refused)",
+                                    ["model", "version"], registry=r)
         self.engine_lanes = Gauge("scoring_engine_lanes",
                                   "Batches a loaded version's engine runs at once; engine utilisation is "
                                   "rate(scoring_inference_duration_seconds_sum) / this", ["model", "version"],

@@ -158,7 +158,8 @@ def test_dashboard_queries_are_valid_and_name_real_metrics(server: ServerProcess
         prometheus.query(expr.replace("$model", ".*"))  # raises unless Prometheus parses and runs it
     referenced = ["model_pv_total", "model_lost_total", "scoring_request_duration_seconds_bucket",
                   "scoring_batch_size_sum", "scoring_queue_depth", "head_trigger_total", "scoring_model_info",
-                  "scoring_model_last_swap_timestamp_seconds", "scoring_cache_hits_total", "scoring_cache_entries"]
+                  "scoring_model_last_swap_timestamp_seconds", "scoring_cache_hits_total", "scoring_cache_entries",
+                  "scoring_offered_load", "scoring_standing_queue"]
     for name in referenced:
         assert name in metric_names, f"{name} is on the dashboard but not exported"
 
