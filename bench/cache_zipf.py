@@ -412,7 +412,8 @@ async def cached_phase(args: argparse.Namespace, data: ModelData, limit: float, 
     try:
         await start_server(server)
         log(f"cache on: server up in {server.start_seconds:.1f} s; {n} requests per step at "
-            f"{args.cached_fractions} × {limit:.1f}/s, each step with a cold cache")
+            f"{args.cached_fractions} × {limit:.1f}/s, each step "
+            + (f"after {args.warm_requests} requests' warm-up" if args.warm_requests else "with a cold cache"))
         async with grpc.aio.insecure_channel(server.target) as channel:
             # Connection and first-call paths, on a site no measured step uses.
             await run_open_loop(channel, stream.requests(next(epochs)),

@@ -22,7 +22,15 @@ import pytest
 from onnx import numpy_helper
 from scipy.stats import spearmanr
 
-from server.features import MISSING_ID, UNKNOWN_ID, EncodedRequest, FeatureEncoder, FeatureError, pad_batch
+from server.features import (
+    MEMO_MAX_CHARS,
+    MISSING_ID,
+    UNKNOWN_ID,
+    EncodedRequest,
+    FeatureEncoder,
+    FeatureError,
+    pad_batch,
+)
 from server.manifest import MANIFEST_NAME, MODEL_FILES, Manifest, read_manifest
 from server.repository import (
     check_version,
@@ -356,6 +364,26 @@ def test_query_alone_is_cls_query_sep(tiny_features: FeatureEncoder) -> None:
     # A missing title is simply left out: the same ids as the tokenizer's single-sequence template.
     assert list(tiny_features.encode(q).input_ids) == tiny_features.tokenizer.encode(q).ids
 
+
+
+def test_memoized_token_ids_equal_a_fresh_tokenization(tiny_features: FeatureEncoder) -> None:
+    """Repeated texts are tokenized once per version; the ids are the tokenizer's, whatever the length
+    (short texts come from the memo, long ones are tokenized every time, both cut at max_seq_len)."""
+    max_len = tiny_features.max_seq_len
+    texts = [cjk_tokens(3), cjk_tokens(9, start=40), cjk_tokens(max_len + 20, start=7),
+             "x" * (MEMO_MAX_CHARS + 1), "Hello 北京 2024"]
+    before = tiny_features._memo.cache_info()
+    for _ in range(2):
+        for text in texts:
+            fresh = tuple(tiny_features.tokenizer.encode(text, add_special_tokens=False).ids[:max_len])
+            assert tiny_features.token_ids(text) == fresh, text[:20]
+    after = tiny_features._memo.cache_info()
+    memoized = sum(len(t) <= MEMO_MAX_CHARS for t in texts)
+    assert after.misses - before.misses <= memoized and after.hits - before.hits >= memoized
+    # A query over the sequence length still keeps its first max_seq_len - 2 tokens.
+    long_query = cjk_tokens(max_len + 20, start=7)
+    enc = tiny_features.encode(long_query, cjk_tokens(4))
+    assert enc.input_ids[1:-1] == tiny_features.token_ids(long_query)[: max_len - 2] and enc.length == max_len
 
 def test_query_and_title(tiny_features: FeatureEncoder) -> None:
     q, t = cjk_tokens(5), cjk_tokens(7, start=100)
