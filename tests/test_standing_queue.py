@@ -210,3 +210,23 @@ def test_after_a_slow_spell_the_rule_lets_go_once_full_batches_keep_up() -> None
     # Within two intervals of the spell's end the offered load (against full batches) is under 1.
     assert max(refused) < spell[1] + 0.6, f"still refusing {max(refused):.2f} s into the flood"
     assert not any(overloaded for t, overloaded in runs if t > spell[1] + 0.9), runs
+
+
+def test_a_zero_interval_switches_the_standing_queue_rule_off() -> None:
+    """`--queue-interval-ms 0` leaves no window to measure the offered load over: the rule never
+    switches on, and the hard bound (`max_queue_wait_ms`) is all that refuses."""
+    config = replace(CONFIG, queue_interval_ms=0, max_queue_wait_ms=600)
+
+    async def scenario() -> tuple[list[tuple[float, float | None, str]], bool]:
+        batcher = Batcher(engine, config, lanes=1)
+        batcher.start()
+        await batcher.submit([ITEM])[0]
+        flood = await _flood(batcher, rate=50, seconds=1.5)  # 2.5x capacity
+        overloaded = batcher.overloaded
+        await batcher.close()
+        return flood, overloaded
+
+    flood, overloaded = asyncio.run(scenario())
+    refused = [o[2] for o in flood if o[1] is None]
+    assert refused and not overloaded
+    assert all("max_queue_wait_ms" in why for why in refused), refused[:1]
