@@ -36,7 +36,7 @@ def _tool(name: str) -> str:
 def test_promtool_check_rules() -> None:
     out = subprocess.run([_tool("promtool"), "check", "rules", str(RULES)], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "SUCCESS: 10 rules found" in out.stdout
+    assert "SUCCESS: 11 rules found" in out.stdout
 
 
 @pytest.fixture(scope="module")
