@@ -162,37 +162,40 @@ def _no_stats(_stats: BatchStats) -> None:
     return None
 
 
+ENTRY_WINDOWS = 3  # whole intervals the offered load is averaged over before an overload is declared
+
+
 @dataclass(slots=True)
 class _ArrivalWindow:
     """Cost units of arriving items in tumbling windows of one interval: the current window's and
-    the last whole one's."""
+    the last whole ones' (newest first)."""
 
     start: float | None = None
     units: float = 0.0
-    last_units: float = 0.0
-    last_seconds: float = 0.0
+    done: list[tuple[float, float]] = field(default_factory=list)  # (units, seconds)
 
-    def _roll(self, now: float, interval: float) -> None:
-        if self.start is None:
-            self.start = now
-        elif now - self.start >= interval:
-            if now - self.start >= 2 * interval:  # a quiet window passed with nothing in it
-                self.last_units, self.last_seconds = 0.0, interval
-            else:
-                self.last_units, self.last_seconds = self.units, now - self.start
-            self.start, self.units = now, 0.0
+    def _closed(self, now: float, interval: float) -> list[tuple[float, float]]:
+        """The whole windows as of `now`, without changing anything."""
+        if interval <= 0:
+            return []  # no window: the standing-queue rule is off
+        if self.start is None or now - self.start < interval:
+            return self.done
+        if now - self.start >= 2 * interval:  # quiet windows passed with nothing in them
+            quiet = min(ENTRY_WINDOWS, int((now - self.start) / interval) - 1)
+            return [*[(0.0, interval)] * quiet, (self.units, interval), *self.done][:ENTRY_WINDOWS]
+        return [(self.units, now - self.start), *self.done][:ENTRY_WINDOWS]
 
     def add(self, now: float, interval: float, units: float) -> None:
-        self._roll(now, interval)
+        if self.start is None or now - self.start >= interval:
+            self.done = self._closed(now, interval)
+            self.start, self.units = now, 0.0
         self.units += units
 
-    def last(self, now: float, interval: float) -> tuple[float, float]:
-        """Reads without rolling: the metrics endpoint calls this from its own thread."""
-        if self.start is None or now - self.start < interval:
-            return self.last_units, self.last_seconds
-        if now - self.start >= 2 * interval:
-            return 0.0, interval
-        return self.units, now - self.start
+    def last(self, now: float, interval: float, windows: int = 1) -> tuple[float, float]:
+        """Units and seconds of the last `windows` whole windows. Reads only: the metrics endpoint
+        calls this from its own thread."""
+        recent = self._closed(now, interval)[:windows]
+        return sum(u for u, _ in recent), sum(t for _, t in recent)
 
 
 @dataclass(eq=False, slots=True)
@@ -274,17 +277,19 @@ class Batcher:
             self._long_since = None
         elif self._long_since is None:
             self._long_since = now
-        elif now - self._long_since >= interval and self.offered_load(now) >= 1.0:
+        elif now - self._long_since >= interval and self.offered_load(now, ENTRY_WINDOWS) >= 1.0:
             self._set_overloaded(True, now)
 
-    def offered_load(self, now: float) -> float:
-        """Work that arrived (admitted or refused) in the last whole `queue_interval_ms`, as a share
-        of what the lanes run in that time at full batches; 0 until a batch has been timed. Under 1,
-        long waits are eager small batches near capacity, which grow by themselves as the queue does:
-        refusing then would turn away calls the engine has time for."""
+    def offered_load(self, now: float, windows: int = 1) -> float:
+        """Work that arrived (admitted or refused) in the last `windows` whole `queue_interval_ms`, as
+        a share of what the lanes run in that time at full batches; 0 until a batch has been timed.
+        Under 1, long waits are eager small batches near capacity, which grow by themselves as the
+        queue does: refusing then would turn away calls the engine has time for. An overload is
+        declared on the average of ENTRY_WINDOWS intervals (one interval of Poisson arrivals near
+        capacity often reads over 1) and lets go on the last one."""
         if self._seconds_per_token is None:
             return 0.0
-        units, seconds = self._arrivals.last(now, self.config.queue_interval_ms / 1000.0)
+        units, seconds = self._arrivals.last(now, self.config.queue_interval_ms / 1000.0, windows)
         return units * self._seconds_per_token / (seconds * self.lanes) if seconds > 0 else 0.0
 
     def _end_quiet_overload(self, now: float) -> None:

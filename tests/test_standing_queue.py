@@ -14,7 +14,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from server.batcher import Batcher, BatcherConfig, QueueFull
+from server.batcher import ENTRY_WINDOWS, Batcher, BatcherConfig, QueueFull
 from server.features import EncodedRequest
 
 RUN_S = 0.05  # one item per batch: 20 items/s
@@ -230,3 +230,27 @@ def test_a_zero_interval_switches_the_standing_queue_rule_off() -> None:
     refused = [o[2] for o in flood if o[1] is None]
     assert refused and not overloaded
     assert all("max_queue_wait_ms" in why for why in refused), refused[:1]
+
+
+def test_one_busy_interval_does_not_make_an_overload_but_three_do() -> None:
+    """Near capacity one interval of Poisson arrivals often reads over 1; entry averages the last
+    ENTRY_WINDOWS whole intervals, while the metric and the exit read the last one."""
+    config = replace(CONFIG, queue_interval_ms=1000)
+
+    async def scenario() -> tuple[float, float, float]:
+        batcher = Batcher(engine, config, lanes=1)
+        batcher._seconds_per_token = 0.01  # 100 units per second on one lane
+        for second, units in enumerate([80.0, 80.0, 130.0]):  # one busy interval after two calm ones
+            batcher._arrivals.add(float(second), 1.0, units)
+        batcher._arrivals.add(3.0, 1.0, 0.0)  # closes the busy interval
+        last, averaged = batcher.offered_load(3.0), batcher.offered_load(3.0, ENTRY_WINDOWS)
+        for second in (3, 4, 5):
+            batcher._arrivals.add(float(second), 1.0, 130.0)
+        batcher._arrivals.add(6.0, 1.0, 0.0)
+        sustained = batcher.offered_load(6.0, ENTRY_WINDOWS)
+        await batcher.close()
+        return last, averaged, sustained
+
+    last, averaged, sustained = asyncio.run(scenario())
+    assert last == pytest.approx(1.3) and averaged == pytest.approx(290 / 300)
+    assert sustained == pytest.approx(1.3)
