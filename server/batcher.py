@@ -72,9 +72,9 @@ class BatcherConfig:
     max_queue_wait_ms: float = 1000.0  # estimated engine time queued before refusing (0 = no time bounds)
     # CoDel's idea applied to admission: a burst may queue up to max_queue_wait_ms, but once batches
     # have left after waiting more than standing_wait_ms for queue_interval_ms on end, while more
-    # work arrived over the last intervals than the lanes run at full batches (overload, not a burst, and
-    # not the long waits of eager small batches near capacity), new items are admitted only while
-    # the queue holds less than queue_target_ms of work. Admitted calls then wait about the target
+    # work arrived over the last ENTRY_WINDOWS intervals than the lanes run at full batches (overload,
+    # not a burst, nor the long waits of eager small batches near capacity), new items are admitted
+    # only while the queue holds less than queue_target_ms of work. Admitted calls then wait about the target
     # instead of the hard bound. Nor is a batch then planned to run longer than the target (see
     # `_batch_tokens`), so a call admitted under overload takes about twice the target.
     queue_target_ms: float = 80.0

@@ -18,10 +18,9 @@ from server.manifest import TOKENIZER_FILE, Manifest, read_lookup_vocab
 MISSING_ID = 0  # zero vector in the graph
 UNKNOWN_ID = 1  # the vocabulary's [UNK] row: a learned "some site we have not seen" embedding
 # Search traffic repeats its queries and titles, and tokenizing them is the largest share of the
-# event loop's own Python work on a cache hit (py-spy). Texts up to MEMO_MAX_CHARS (99.7% of the real
-# queries, 97.6% of the titles in qbqtc) are memoized per model version, gone with it. Measured with
-# tracemalloc on the demo model: 575 B per entry for real texts, 2.9 KiB for 64 random CJK
-# characters, so a full memo holds 4.5 MiB of real texts and at most 23 MiB.
+# event loop's own Python work on a cache hit (py-spy). Short texts (queries and most titles) are
+# memoized per model version and go with it; entries and text length are both capped, so the memo
+# holds at most MEMO_ENTRIES texts of MEMO_MAX_CHARS characters and their (at most max_seq_len) ids.
 MEMO_ENTRIES = 8192
 MEMO_MAX_CHARS = 64
 

@@ -365,7 +365,6 @@ def test_query_alone_is_cls_query_sep(tiny_features: FeatureEncoder) -> None:
     assert list(tiny_features.encode(q).input_ids) == tiny_features.tokenizer.encode(q).ids
 
 
-
 def test_memoized_token_ids_equal_a_fresh_tokenization(tiny_features: FeatureEncoder) -> None:
     """Repeated texts are tokenized once per version; the ids are the tokenizer's, whatever the length
     (short texts come from the memo, long ones are tokenized every time, both cut at max_seq_len)."""
@@ -384,6 +383,7 @@ def test_memoized_token_ids_equal_a_fresh_tokenization(tiny_features: FeatureEnc
     long_query = cjk_tokens(max_len + 20, start=7)
     enc = tiny_features.encode(long_query, cjk_tokens(4))
     assert enc.input_ids[1:-1] == tiny_features.token_ids(long_query)[: max_len - 2] and enc.length == max_len
+
 
 def test_query_and_title(tiny_features: FeatureEncoder) -> None:
     q, t = cjk_tokens(5), cjk_tokens(7, start=100)

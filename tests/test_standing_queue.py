@@ -168,7 +168,6 @@ def test_the_work_estimate_counts_the_narrower_batches_of_a_standing_queue() -> 
     assert narrow == pytest.approx((36 + 3 * 24) * per_unit)
 
 
-
 def test_after_a_slow_spell_the_rule_lets_go_once_full_batches_keep_up() -> None:
     """A noisy neighbour slows the engine 2.5x for 0.7 s under 80% load: a real, short overload, and
     refusals are right then. Once the engine is back, full batches serve the load again, but the
@@ -233,24 +232,30 @@ def test_a_zero_interval_switches_the_standing_queue_rule_off() -> None:
 
 
 def test_one_busy_interval_does_not_make_an_overload_but_three_do() -> None:
-    """Near capacity one interval of Poisson arrivals often reads over 1; entry averages the last
-    ENTRY_WINDOWS whole intervals, while the metric and the exit read the last one."""
-    config = replace(CONFIG, queue_interval_ms=1000)
+    """Near capacity one interval of Poisson arrivals often reads over 1: with long waits standing,
+    entry still needs the average of the last ENTRY_WINDOWS whole intervals over 1, while the
+    metric (and the exit) read the last one."""
+    config = replace(CONFIG, queue_interval_ms=1000, standing_wait_ms=100)
 
-    async def scenario() -> tuple[float, float, float]:
+    async def scenario() -> tuple[float, float, bool, bool]:
         batcher = Batcher(engine, config, lanes=1)
         batcher._seconds_per_token = 0.01  # 100 units per second on one lane
+        batcher._running = 1  # a batch on the engine: a long wait is evidence, not a caught-up engine
         for second, units in enumerate([80.0, 80.0, 130.0]):  # one busy interval after two calm ones
             batcher._arrivals.add(float(second), 1.0, units)
-        batcher._arrivals.add(3.0, 1.0, 0.0)  # closes the busy interval
-        last, averaged = batcher.offered_load(3.0), batcher.offered_load(3.0, ENTRY_WINDOWS)
+        batcher._note_wait(0.3, 1.5)  # batches have waited 300 ms since 1.5 s
+        batcher._note_wait(0.3, 3.0)  # ... for an interval: standing, with the busy interval just closed
+        last, averaged, after_one = batcher.offered_load(3.0), batcher.offered_load(3.0, ENTRY_WINDOWS), \
+            batcher.overloaded
         for second in (3, 4, 5):
             batcher._arrivals.add(float(second), 1.0, 130.0)
-        batcher._arrivals.add(6.0, 1.0, 0.0)
-        sustained = batcher.offered_load(6.0, ENTRY_WINDOWS)
+        batcher._note_wait(0.3, 6.0)  # three busy intervals
+        after_three = batcher.overloaded
+        batcher._running = 0
         await batcher.close()
-        return last, averaged, sustained
+        return last, averaged, after_one, after_three
 
-    last, averaged, sustained = asyncio.run(scenario())
+    last, averaged, after_one, after_three = asyncio.run(scenario())
     assert last == pytest.approx(1.3) and averaged == pytest.approx(290 / 300)
-    assert sustained == pytest.approx(1.3)
+    assert not after_one, "one busy interval declared an overload"
+    assert after_three, "three busy intervals with a standing queue declared none"
