@@ -36,7 +36,7 @@ import grpc
 from bench.__main__ import common_server_flags
 from bench.data import DEFAULT_DATA, REPO_ROOT, load_pairs
 from bench.docs import merge_section
-from bench.engine import arrangement, describe, load_engine, make_workload, probe, throughput_sweep
+from bench.engine import Engine, Workload, arrangement, describe, load_engine, make_workload, probe, throughput_sweep
 from bench.peers.procs import PeerProcess, TreeCpuMonitor, tree_memory_mib
 from bench.server import ServerProcess, ServerSpec, free_port
 from bench.sysmon import machine_info
@@ -98,6 +98,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--ray-num-cpus", type=int, default=2)
     ap.add_argument("--ray-variants", type=ray_variants, default=None, metavar="SIZE:WAIT_MS,...",
                     help="extra Ray Serve batching settings, swept only ('' = none) [default: 8:2; none with --quick]")
+    ap.add_argument("--no-floor", action="store_true",
+                    help="skip the transport floor (the raw engine under a canned-answer gRPC server's load)")
     ap.add_argument("--quick", action="store_true", help="smoke run (about 2-3 minutes); numbers are rough")
     ap.add_argument("--benchmarks-md", type=Path, default=REPO_ROOT / "BENCHMARKS.md")
     ap.add_argument("--docs-dir", type=Path, default=REPO_ROOT / "docs" / "bench")
@@ -285,6 +287,68 @@ async def fixed_load(sys_: System, requests: list[bytes], args: argparse.Namespa
         f"cores -> {why}")
 
 
+async def transport_ceiling(args: argparse.Namespace, engine: Engine, work: Workload, requests: list[bytes],
+                            version_dir: Path, out_dir: Path, raw_rate: float) -> dict[str, Any]:
+    """How much of the machine a Python gRPC front end leaves the engine at the target rate.
+
+    A canned-answer server (`bench.peers.canned_server`: no model) carries TARGET_RAW x the raw limit from
+    the same generator. First its CPU and the generator's are measured alone; then the raw engine runs
+    alone, under that load, alone, under that load, alone (probes of 2 x --engine-min-s). A server that
+    must pay this transport cannot compute more than the engine under load does: if that is below the
+    rate, the target is out of reach on this machine whatever the batching."""
+    rate = round(TARGET_RAW * raw_rate, 1)
+    seconds = 2 * args.engine_min_s
+    port = free_port()
+    peer = PeerProcess("canned", ["-m", "bench.peers.canned_server", "--version-dir", str(version_dir),
+                                  "--port", str(port)], port, requests[0], cwd=REPO_ROOT,
+                       log_path=out_dir / "canned.log")
+    log(f"transport floor: a canned-answer gRPC server at {rate:.1f}/s ({TARGET_RAW:.0%} of the raw limit)")
+    await asyncio.to_thread(peer.start)
+    out: dict[str, Any] = {"rate": rate, "probe_s": seconds}
+    try:
+        async with grpc.aio.insecure_channel(peer.target) as channel:
+            def load(duration: float, seed: int) -> LoadConfig:
+                return LoadConfig(rate=rate, duration_s=duration, timeout_s=args.timeout_s, seed=seed)
+
+            await run_open_loop(channel, requests, load(1.0, 97))  # the channel is new
+            monitor = TreeCpuMonitor(peer.pid)
+            monitor.start()
+            alone = (await run_open_loop(channel, requests, load(2 * seconds, 98))).summary()
+            cpu = monitor.stop()
+            out["server_cores"] = cpu["server_cores"]
+            out["generator_cores"] = alone["generator_cpu_cores"]
+            out["transport_alone"] = {k: alone[k] for k in ("offered_rate", "achieved_rate", "failures", "latency")}
+            free, loaded, carried = [], [], []
+            for i in range(5):
+                if i % 2 == 0:
+                    free.append(await asyncio.to_thread(probe, engine, work, seconds))
+                    continue
+                # The load starts first and outlasts the probe, so the probe never sees it ramp.
+                task = asyncio.create_task(run_open_loop(channel, requests, load(seconds + 1.0, 98 + i)))
+                await asyncio.sleep(0.5)
+                loaded.append(await asyncio.to_thread(probe, engine, work, seconds))
+                carried.append((await task).summary()["achieved_rate"])
+    finally:
+        out["stop"] = await asyncio.to_thread(peer.stop)
+    out["engine_alone"] = [round(x, 1) for x in free]
+    out["engine_loaded"] = [round(x, 1) for x in loaded]
+    out["carried"] = [round(x, 1) for x in carried]
+    share = (sum(loaded) / len(loaded)) / (sum(free) / len(free))
+    out["engine_share"] = round(share, 3)
+    out["ceiling_ratio"] = round(ceiling(share, TARGET_RAW), 3)
+    log(f"  transport at {rate:.1f}/s: server {out['server_cores']:.3f} cores, generator "
+        f"{out['generator_cores']:.3f} cores; raw engine alone {out['engine_alone']}/s, under that load "
+        f"{out['engine_loaded']}/s: the engine keeps {share:.2f} of its speed")
+    return out
+
+
+def ceiling(share: float, at: float) -> float:
+    """The rate, as a share of the raw limit, at which the engine under the transport's load computes as much
+    as arrives, if the engine's loss grows in proportion to the rate: the engine kept `share` of its speed
+    while the transport carried `at` x the limit, so x = 1 - (1 - share) * x / at."""
+    return 1.0 / (1.0 + (1.0 - share) / at)
+
+
 def max_rate(sweep: dict[str, Any]) -> float:
     """Requests/s completed in the best sustainable step: every call was answered OK, so that is the rate that
     was actually offered (Poisson count / step length); the achieved-rate window only adds counting noise."""
@@ -448,6 +512,23 @@ def markdown(results: dict[str, Any], plot: str | None) -> str:
         name = label(r["system"], results["systems"][r["system"]]["config"])
         out.append(f"| {name} | {_f(r['max_rate'])}/s{mark} | {_x(r['vs_raw'])} | {_x(r['vs_ray'])} "
                    f"| {_f(r['p50'])} ms{fixed_note} | {_f(r['p99'])} ms{fixed_note} | {_f(r['cpu'], 2)} | {rss} |")
+    tr = results.get("transport")
+    if tr:
+        free, loaded = tr["engine_alone"], tr["engine_loaded"]
+        out += ["", f"**The transport floor.** A canned-answer gRPC server (`bench/peers/canned_server.py`: "
+                "the same `grpc.aio` server on uvloop, decoding, response size and generator, no model) carried "
+                f"{_f(tr['rate'])}/s ({TARGET_RAW:.0%} of the raw engine) on this machine using "
+                f"{tr['server_cores']:.3f} cores, and the load generator {tr['generator_cores']:.3f} cores "
+                f"({1000 * (tr['server_cores'] + tr['generator_cores']) / tr['rate']:.2f} ms of CPU per call). "
+                f"The raw engine alone ran {', '.join(_f(x) for x in free)}/s; sharing the machine with that "
+                f"transport, {', '.join(_f(x) for x in loaded)}/s (interleaved probes of {tr['probe_s']:g} s): "
+                f"it kept **{tr['engine_share']:.2f}** of its speed. A server that pays this transport computes "
+                f"no more than that, so on this machine none can sustain more than about "
+                f"**{tr['ceiling_ratio']:.2f}× the raw engine** (where the engine's loss, growing with the rate, "
+                f"meets the rate: `bench.compare.ceiling`), whatever its batching"
+                + (f"; this service reached {svc_ratio / tr['ceiling_ratio']:.2f} of that ceiling."
+                   if (svc_ratio := next((r['vs_raw'] for r in table_rows(results) if r['system'] == 'service'),
+                                         None)) else ".")]
     ray_name, ray_max = best_ray(results)
     if ray_name is not None:
         cfg = results["systems"].get("ray", {}).get("config")
@@ -645,13 +726,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "ray" in args.systems and _ray_version() == "not installed":
         log("Ray Serve: ray is not installed (`make bench` installs requirements-bench.txt); leaving it out")
         args.systems = [s for s in args.systems if s != "ray"]
+    work = make_workload("after", random.Random(5).sample(items, min(512, len(items))), best["batch_size"], True, 5)
+    engine.run(work.batches[0])
+    if not args.no_floor:
+        results["transport"] = asyncio.run(transport_ceiling(args, engine, work, requests, version_dir, out_dir,
+                                                             best["samples_per_s"]))
     systems = make_systems(args, out_dir, version_dir, manifest.version, requests[0])
     variants = [make_ray(args, out_dir, version_dir, requests[0], f"ray:{size}:{wait:g}", size, wait)
                 for size, wait in args.ray_variants if "ray" in args.systems]
     asyncio.run(servers_phase(args, results, systems, variants, requests, best["samples_per_s"]))
     # The raw engine again, after the servers: shared machines drift, and the ratios assume they did not.
-    work = make_workload("after", random.Random(5).sample(items, min(512, len(items))), best["batch_size"], True, 5)
-    engine.run(work.batches[0])
     results["raw"]["after_samples_per_s"] = round(probe(engine, work, 2 * args.engine_min_s), 1)
     log(f"raw engine after the servers: {results['raw']['after_samples_per_s']:.1f} samples/s at batch "
         f"{best['batch_size']} (before: {best['samples_per_s']:.1f})")
