@@ -5,6 +5,9 @@ This service against its peers on the same model (the demo version's fp32 graph)
 and machine, with the same query/title pairs, in one run:
 
 - the raw engine alone: ONNX Runtime on length-grouped batches at its best batch size (the ceiling);
+- the transport floor (`transport_ceiling`): the raw engine probed while a canned-answer gRPC server
+  (`bench.peers.canned_server`, no model) carries 90% of that rate from the same generator, which tells
+  how close to the raw engine any Python gRPC front end can get on this machine;
 - a naive gRPC server (`bench.peers.naive_server`): one `InferenceSession.run` per request;
 - Ray Serve (`bench.peers.ray_peer`): its gRPC proxy and a `@serve.batch` deployment;
 - this service (`python -m server`, fp32, its default CPU arrangement, result cache off).
