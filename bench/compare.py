@@ -528,7 +528,8 @@ def markdown(results: dict[str, Any], plot: str | None) -> str:
                 f"it kept **{tr['engine_share']:.2f}** of its speed. A server that pays this transport computes "
                 f"no more than that, so on this machine none can sustain more than about "
                 f"**{tr['ceiling_ratio']:.2f}× the raw engine** (where the engine's loss, growing with the rate, "
-                f"meets the rate: `bench.compare.ceiling`), whatever its batching"
+                f"meets the rate: `bench.compare.ceiling`), whatever its batching, and that only with the engine "
+                "never idle: under a p99 objective the sustainable rate stays below it"
                 + (f"; this service reached {svc_ratio / tr['ceiling_ratio']:.2f} of that ceiling."
                    if (svc_ratio := next((r['vs_raw'] for r in table_rows(results) if r['system'] == 'service'),
                                          None)) else ".")]
