@@ -306,8 +306,13 @@ async def transport_ceiling(args: argparse.Namespace, engine: Engine, work: Work
                                   "--port", str(port)], port, requests[0], cwd=REPO_ROOT,
                        log_path=out_dir / "canned.log")
     log(f"transport floor: a canned-answer gRPC server at {rate:.1f}/s ({TARGET_RAW:.0%} of the raw limit)")
-    await asyncio.to_thread(peer.start)
     out: dict[str, Any] = {"rate": rate, "probe_s": seconds}
+    try:
+        await asyncio.to_thread(peer.start)
+    except (RuntimeError, TimeoutError, OSError) as exc:  # a floor that will not start must not sink the run
+        log(f"  the canned-answer server did not start: {exc}")
+        await asyncio.to_thread(peer.stop)
+        return {**out, "error": str(exc)}
     try:
         async with grpc.aio.insecure_channel(peer.target) as channel:
             def load(duration: float, seed: int) -> LoadConfig:
@@ -516,7 +521,9 @@ def markdown(results: dict[str, Any], plot: str | None) -> str:
         out.append(f"| {name} | {_f(r['max_rate'])}/s{mark} | {_x(r['vs_raw'])} | {_x(r['vs_ray'])} "
                    f"| {_f(r['p50'])} ms{fixed_note} | {_f(r['p99'])} ms{fixed_note} | {_f(r['cpu'], 2)} | {rss} |")
     tr = results.get("transport")
-    if tr:
+    if tr and "error" in tr:
+        out += ["", f"**The transport floor was not measured**: {tr['error']}"]
+    elif tr:
         free, loaded = tr["engine_alone"], tr["engine_loaded"]
         out += ["", f"**The transport floor.** A canned-answer gRPC server (`bench/peers/canned_server.py`: "
                 "the same `grpc.aio` server on uvloop, decoding, response size and generator, no model) carried "
