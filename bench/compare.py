@@ -606,6 +606,13 @@ def markdown(results: dict[str, Any], plot: str | None) -> str:
             "4. Servers are measured one at a time in the order naive, this service, Ray (Ray's daemons stay idle "
             "on the machine only after the others' sweeps); then the fixed-load runs, Ray first and stopped "
             "before the others. After each stop, any process left over from the server's tree is ended.",
+            *([f"5. **Transport floor** (`transport_ceiling`, before the servers): the canned-answer server at "
+               f"{TARGET_RAW:.0%} of the raw engine; its tree's CPU and the generator's (this process) over "
+               f"{2 * 2 * a['engine_min_s']:g} s of that load alone, then raw-engine probes of "
+               f"{2 * a['engine_min_s']:g} s alternating alone and under that load (the load starts 0.5 s "
+               "before its probe and outlasts it), three alone and two loaded; the share is the loaded mean "
+               "over the alone mean."] if results.get("transport") and "error" not in results["transport"]
+              else []),
             ""]
     if plot:
         out += [f"![Peers: max throughput and p99 by offered load](docs/bench/{plot})", ""]
