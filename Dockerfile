@@ -22,6 +22,7 @@ COPY proto proto
 RUN /opt/venv/bin/python -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. \
       proto/scoring/v1/scoring.proto proto/scoring/v1/admin.proto \
  && touch scoring/__init__.py scoring/v1/__init__.py
+COPY model_format model_format
 COPY server server
 COPY tools tools
 COPY vocab vocab

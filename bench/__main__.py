@@ -43,9 +43,9 @@ from bench.server import ServerProcess, ServerSpec, server_flags
 from bench.serverload import SweepConfig, run_step, sweep
 from bench.sysmon import machine_info
 from loadtest.openloop import LoadConfig, run_open_loop, serialize_requests
+from model_format.features import EncodedRequest, FeatureEncoder, FeatureError
+from model_format.repository import latest_complete, scan_model
 from scoring.v1 import scoring_pb2
-from server.features import EncodedRequest, FeatureEncoder, FeatureError
-from server.repository import latest_complete, scan_model
 
 STEPS = ("build", "agreement", "engine", "server", "what-if", "unbatched")
 T0 = time.perf_counter()

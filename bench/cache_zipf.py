@@ -48,11 +48,11 @@ from bench.server import ServerProcess, ServerSpec, metric_sum
 from bench.serverload import SweepConfig, next_fraction, run_step, sweep
 from bench.sysmon import machine_info
 from loadtest.openloop import SCORE_METHOD, LoadConfig, run_open_loop
+from model_format.features import EncodedRequest, FeatureEncoder, FeatureError
+from model_format.manifest import Manifest
+from model_format.repository import latest_complete, scan_model
 from scoring.v1 import scoring_pb2
 from server.cache import default_cache_bytes
-from server.features import EncodedRequest, FeatureEncoder, FeatureError
-from server.manifest import Manifest
-from server.repository import latest_complete, scan_model
 
 NAME = "cache_zipf"
 EXACT_ATOL = 1e-5  # tests/test_cache.py: cached == computed within 1e-5 (fp32 batch companions move last bits)

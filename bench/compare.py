@@ -45,9 +45,9 @@ from bench.server import ServerProcess, ServerSpec, free_port
 from bench.sysmon import machine_info
 from loadtest.openloop import LoadConfig, run_open_loop, serialize_requests
 from loadtest.sweep import find_max_rate, judge
+from model_format.features import EncodedRequest, FeatureEncoder, FeatureError
+from model_format.repository import latest_complete, scan_model
 from scoring.v1 import scoring_pb2
-from server.features import EncodedRequest, FeatureEncoder, FeatureError
-from server.repository import latest_complete, scan_model
 
 PNG = "compare.png"
 SECTION = "compare"
@@ -490,7 +490,7 @@ def markdown(results: dict[str, Any], plot: str | None) -> str:
         f"{results['elapsed_s'] / 60:.1f} min, {m['date']}, code {m['git']}, {m['cpu_model']}, "
         f"{m['usable_cpus']} CPUs, load average at start {' '.join(m['loadavg_at_start'])}). Every system runs the "
         f"demo model's fp32 graph ({results['model']['heads']} heads) with the same tokenizer and vocabularies "
-        "(`server.features.FeatureEncoder`) and the same ONNX Runtime options (full graph optimization, "
+        "(`model_format.features.FeatureEncoder`) and the same ONNX Runtime options (full graph optimization, "
         f"{describe(a['threads'])}: one session running that many batches at once; Ray Serve as "
         f"that many replicas), on {results['data']['pairs']} {results['data']['kind']} query/title "
         "pairs, and every server gets the same open-loop Poisson load (`loadtest.openloop`, the same serialized "

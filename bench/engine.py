@@ -1,7 +1,7 @@
 """Steps 2 and 3: fp32/int8 agreement and the raw ONNX Runtime throughput (the limit the server is held to).
 
 Sessions are made with the server's options (`server.runtime`): full graph optimization, sequential
-execution, `intra_op_num_threads` threads. Inputs come from `server.features.FeatureEncoder` and
+execution, `intra_op_num_threads` threads. Inputs come from `model_format.features.FeatureEncoder` and
 `pad_batch`, exactly as the server builds them.
 """
 
@@ -20,8 +20,8 @@ import onnxruntime as ort
 from scipy.stats import spearmanr
 
 from bench.sysmon import CpuMonitor
-from server.features import EncodedRequest, pad_batch
-from server.manifest import Manifest
+from model_format.features import EncodedRequest, pad_batch
+from model_format.manifest import Manifest
 from server.resources import cpu_limit
 
 Batch = dict[str, np.ndarray]

@@ -109,9 +109,9 @@ class Workload:
 def load_requests(version_dir: Path, data: Path | None) -> Workload:
     """Serialized ScoreRequests for every pair the model can encode (a pair with no tokens would be
     refused as INVALID_ARGUMENT and counted as a failure that is not the server's)."""
+    from model_format.features import FeatureEncoder, FeatureError
+    from model_format.manifest import read_manifest
     from scoring.v1 import scoring_pb2
-    from server.features import FeatureEncoder, FeatureError
-    from server.manifest import read_manifest
 
     pairs = load_pairs(data)
     encoder = FeatureEncoder(version_dir, read_manifest(version_dir))
@@ -127,7 +127,7 @@ def load_requests(version_dir: Path, data: Path | None) -> Workload:
 
 
 def newest_version(model_repo: Path, model: str) -> Path:
-    from server.repository import latest_complete, scan_model
+    from model_format.repository import latest_complete, scan_model
 
     found = latest_complete(scan_model(model_repo, model, verify_checksums=False))
     if found is None:
@@ -162,7 +162,7 @@ def temp_repo(model_repo: Path, model: str, parent: Path) -> Iterator[tuple[Path
 def stage_and_publish(root: Path, model: str, src: Path, version: int) -> Path:
     """Version `version` with `src`'s bytes: hard links under a staging name, a fresh manifest that names the
     new version (the manifest is not in its own checksum list), then one atomic rename into place."""
-    from server.repository import publish_version, staging_dir
+    from model_format.repository import publish_version, staging_dir
 
     with staging_dir(root, model) as staged:
         for f in src.iterdir():

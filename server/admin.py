@@ -9,9 +9,9 @@ from typing import Any
 
 import grpc
 
+from model_format.repository import valid_model_name
 from scoring.v1 import admin_pb2
 from server.manager import LifecycleError, ModelManager, ModelNotFound
-from server.repository import valid_model_name
 
 log = logging.getLogger(__name__)
 SERVICE = "scoring.v1.ModelAdmin"

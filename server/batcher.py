@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from server.features import EncodedRequest, pad_batch
+from model_format.features import EncodedRequest, pad_batch
 
 log = logging.getLogger(__name__)
 

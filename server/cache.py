@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from model_format.features import EncodedRequest
 from server.batcher import DeadlineExpired
-from server.features import EncodedRequest
 from server.model import LoadedModel
 from server.resources import memory_limit_bytes
 

@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from model_format.manifest import ManifestError, read_manifest, verify_files
+from model_format.repository import VERSION_RE, VersionStatus, scan_repository, valid_model_name
 from server.batcher import Batcher, BatcherConfig
-from server.manifest import ManifestError, read_manifest, verify_files
 from server.metrics import Metrics
 from server.model import LoadedModel, ModelState
-from server.repository import VERSION_RE, VersionStatus, scan_repository, valid_model_name
 from server.resources import lower_thread_priority, release_free_memory
 from server.runtime import RuntimeOptions
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
+from model_format.features import FeatureEncoder
+from model_format.golden import check_golden
+from model_format.manifest import Manifest
 from server.batcher import Batcher, BatcherConfig
-from server.features import FeatureEncoder
-from server.golden import check_golden
-from server.manifest import Manifest
 from server.metrics import Metrics
 from server.runtime import CUDA, ModelRuntime, RuntimeOptions
 

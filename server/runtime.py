@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from server.manifest import Manifest
+from model_format.manifest import Manifest
 from server.resources import cpu_limit, thread_is_background
 
 log = logging.getLogger(__name__)

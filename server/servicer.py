@@ -17,10 +17,10 @@ import grpc
 import numpy as np
 from google.protobuf.message import DecodeError, Message
 
+from model_format.features import EncodedRequest
 from scoring.v1 import scoring_pb2
 from server.batcher import BatcherClosed, DeadlineExpired, EngineFailed, QueueFull
 from server.cache import CachingScheduler
-from server.features import EncodedRequest
 from server.logs import SampledLog
 from server.manager import ModelManager, ModelNotFound, ModelUnavailable
 from server.metrics import UNKNOWN, LostReason, Metrics

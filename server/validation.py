@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from model_format.features import EncodedRequest, FeatureError
 from scoring.v1 import scoring_pb2
-from server.features import EncodedRequest, FeatureError
 from server.model import LoadedModel
 
 

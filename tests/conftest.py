@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from server.repository import check_version
+from model_format.repository import check_version
 from tests.helpers import REPO_ROOT, SmallModelFactory, build_small_model
 
 DEMO_MODEL, DEMO_VERSION = "demo", 1

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from server.manifest import MODEL_FILES, EncoderShape, Head
+from model_format.manifest import MODEL_FILES, EncoderShape, Head
 from tools.build_model import demo_vocab
 from tools.build_model.tokenizer import SPECIAL_TOKENS, build_tokenizer
 from tools.build_model.weights import ModelWeights, random_encoder, random_heads, random_lookups

@@ -11,8 +11,8 @@ import pytest
 from bench.compare import ceiling
 from bench.peers.canned_server import SERVICE
 from bench.peers.procs import PeerProcess
+from model_format.manifest import read_manifest
 from scoring.v1 import scoring_pb2
-from server.manifest import read_manifest
 from tests.helpers import SmallModelFactory
 from tests.server_harness import REPO_ROOT, free_port
 

@@ -10,9 +10,9 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 
+from model_format.features import FeatureEncoder, pad_batch
+from model_format.manifest import read_manifest
 from scoring.v1 import scoring_pb2, scoring_pb2_grpc
-from server.features import FeatureEncoder, pad_batch
-from server.manifest import read_manifest
 from tests.helpers import build_small_model
 from tests.server_harness import ServerProcess, run_server, scrape
 

@@ -20,10 +20,10 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
+from model_format.features import FeatureEncoder, pad_batch
+from model_format.manifest import read_manifest, sha256_file
+from model_format.repository import check_version
 from scoring.v1 import scoring_pb2, scoring_pb2_grpc
-from server.features import FeatureEncoder, pad_batch
-from server.manifest import read_manifest, sha256_file
-from server.repository import check_version
 from tests.helpers import SmallModelFactory, cpu_session, run_graph
 from tests.server_harness import run_server
 from tools.build_model.graph import _Graph, _heads

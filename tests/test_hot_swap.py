@@ -16,10 +16,10 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from model_format.features import FeatureEncoder, pad_batch
+from model_format.manifest import read_manifest
+from model_format.repository import check_version
 from scoring.v1 import admin_pb2, admin_pb2_grpc, scoring_pb2, scoring_pb2_grpc
-from server.features import FeatureEncoder, pad_batch
-from server.manifest import read_manifest
-from server.repository import check_version
 from tests.helpers import build_small_model
 from tests.server_harness import ServerProcess, run_server, scrape
 
@@ -151,7 +151,7 @@ def _stage_then_rename(repo: Path, version: int, damage: str) -> None:
         manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
         golden = (folder / "golden.jsonl").read_text(encoding="utf-8").replace('"scores": [0.', '"scores": [9.')
         (folder / "golden.jsonl").write_text(golden, encoding="utf-8")
-        from server.manifest import sha256_file
+        from model_format.manifest import sha256_file
 
         manifest["sha256"]["golden.jsonl"] = sha256_file(folder / "golden.jsonl")
         (folder / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")

@@ -32,9 +32,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from model_format.repository import check_version
 from server.app import LIVENESS
 from server.metrics import Metrics
-from server.repository import check_version
 from tests.helpers import REPO_ROOT, SmallModelFactory
 
 Manifest = dict[str, Any]

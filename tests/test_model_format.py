@@ -22,7 +22,7 @@ import pytest
 from onnx import numpy_helper
 from scipy.stats import spearmanr
 
-from server.features import (
+from model_format.features import (
     MEMO_MAX_CHARS,
     MISSING_ID,
     UNKNOWN_ID,
@@ -31,8 +31,8 @@ from server.features import (
     FeatureError,
     pad_batch,
 )
-from server.manifest import MANIFEST_NAME, MODEL_FILES, Manifest, read_manifest
-from server.repository import (
+from model_format.manifest import MANIFEST_NAME, MODEL_FILES, Manifest, read_manifest
+from model_format.repository import (
     check_version,
     latest_complete,
     next_version,

@@ -20,8 +20,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from server.features import EncodedRequest, pad_batch
-from server.manifest import MODEL_FILES, read_manifest
+from model_format.features import EncodedRequest, pad_batch
+from model_format.manifest import MODEL_FILES, read_manifest
 
 _REFERENCE = (
     "the HF parity test needs PyTorch + transformers as the reference implementation: "

@@ -13,9 +13,9 @@ import onnxruntime as ort
 import pytest
 from grpc_health.v1 import health_pb2
 
+from model_format.features import FeatureEncoder, pad_batch
+from model_format.manifest import read_manifest
 from scoring.v1 import scoring_pb2, scoring_pb2_grpc
-from server.features import FeatureEncoder, pad_batch
-from server.manifest import read_manifest
 from tests.server_harness import ServerProcess, run_server, scrape
 
 TOL = 1e-5

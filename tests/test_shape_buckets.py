@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server.features import FeatureEncoder, pad_batch
-from server.manifest import read_manifest
+from model_format.features import FeatureEncoder, pad_batch
+from model_format.manifest import read_manifest
 from server.runtime import LENGTH_STEP, ModelRuntime, RuntimeOptions, ShapeBuckets
 
 PAIRS = [("北京旅游", "北京旅游攻略大全自由行三日游路线推荐"), ("感冒吃什么药", ""), ("企业信用查询", "天眼查"),

@@ -19,8 +19,8 @@ import grpc
 import pytest
 
 from bench.sustain import rss_mib, serving_versions
+from model_format.repository import check_version
 from scoring.v1 import scoring_pb2, scoring_pb2_grpc
-from server.repository import check_version
 from tests.helpers import build_small_model
 from tests.server_harness import ServerProcess, run_server, scrape
 

@@ -14,8 +14,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from model_format.features import EncodedRequest
 from server.batcher import ENTRY_WINDOWS, Batcher, BatcherConfig, QueueFull
-from server.features import EncodedRequest
 
 RUN_S = 0.05  # one item per batch: 20 items/s
 ITEM = EncodedRequest(input_ids=(1, 5, 2), token_type_ids=(0, 0, 0), site_id=0, ner_ids=(), industry_id=0)

@@ -21,8 +21,8 @@ import grpc
 import uvloop
 from google.protobuf.message import DecodeError
 
+from model_format.manifest import read_manifest
 from scoring.v1 import scoring_pb2
-from server.manifest import read_manifest
 
 SERVICE = "scoring.v1.Scorer"
 

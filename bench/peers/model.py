@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 
 from bench.engine import Engine, load_engine
+from model_format.features import EncodedRequest, FeatureEncoder, pad_batch
+from model_format.manifest import Manifest, read_manifest
 from scoring.v1 import scoring_pb2
-from server.features import EncodedRequest, FeatureEncoder, pad_batch
-from server.manifest import Manifest, read_manifest
 
 
 @dataclass
@@ -29,7 +29,7 @@ class PeerModel:
         return cls(manifest, FeatureEncoder(version_dir, manifest), engine, manifest.srcids)
 
     def encode(self, request: scoring_pb2.ScoreRequest) -> EncodedRequest:
-        """Raises server.features.FeatureError for a query without tokens."""
+        """Raises model_format.features.FeatureError for a query without tokens."""
         return self.encoder.encode(
             request.query,
             request.title if request.HasField("title") else None,

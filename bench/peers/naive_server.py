@@ -20,8 +20,8 @@ from types import FrameType
 import grpc
 
 from bench.peers.model import PeerModel
+from model_format.features import FeatureError
 from scoring.v1 import scoring_pb2, scoring_pb2_grpc
-from server.features import FeatureError
 
 
 class NaiveScorer(scoring_pb2_grpc.ScorerServicer):

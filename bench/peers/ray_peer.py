@@ -37,8 +37,8 @@ from ray.serve.config import HTTPOptions, gRPCOptions
 from ray.serve.schema import LoggingConfig
 
 from bench.peers.model import PeerModel
+from model_format.features import EncodedRequest, FeatureError
 from scoring.v1 import scoring_pb2
-from server.features import EncodedRequest, FeatureError
 
 APP_NAME = "scoring"
 SERVICER = "bench.peers.ray_grpc.add_scorer_to_ray_proxy"  # see ray_grpc.py for why not the generated one

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from server.manifest import EncoderShape, Head
-from server.repository import next_version
+from model_format.manifest import EncoderShape, Head
+from model_format.repository import next_version
 from tools.build_model import demo_vocab
 from tools.build_model.tokenizer import build_tokenizer
 from tools.build_model.weights import (
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     model = args.model or ("demo" if args.demo else args.from_hf.resolve().name)
     if args.if_absent:
-        from server.repository import latest_complete, scan_model
+        from model_format.repository import latest_complete, scan_model
 
         found = latest_complete(scan_model(args.out, model))
         if found is not None:

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from server.features import FeatureEncoder, pad_batch
-from server.golden import GoldenRequest
-from server.manifest import MODEL_FILES, GoldenSpec, Manifest
+from model_format.features import FeatureEncoder, pad_batch
+from model_format.golden import GoldenRequest
+from model_format.manifest import MODEL_FILES, GoldenSpec, Manifest
 
 GOLDEN_FILE = "golden.jsonl"
 # fp32 on another machine or batch mix moves scores by ~1e-7; int8 and fp16 move the bottom itself.

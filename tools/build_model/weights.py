@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from server.manifest import EncoderShape, Head
+from model_format.manifest import EncoderShape, Head
 
 F32 = np.float32
 

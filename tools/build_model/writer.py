@@ -14,7 +14,7 @@ from pathlib import Path
 import onnx
 from tokenizers import Tokenizer
 
-from server.manifest import (
+from model_format.manifest import (
     MANIFEST_NAME,
     MODEL_FILES,
     TOKENIZER_FILE,
@@ -24,7 +24,7 @@ from server.manifest import (
     read_lookup_vocab,
     sha256_file,
 )
-from server.repository import publish_version, staging_dir
+from model_format.repository import publish_version, staging_dir
 from tools.build_model.golden import write_golden
 from tools.build_model.graph import build_graph
 from tools.build_model.precision import head_node_names, write_fp16, write_int8

@@ -31,8 +31,8 @@ import json
 import sys
 from pathlib import Path
 
-from server.manifest import ManifestError, read_manifest
-from server.repository import check_version
+from model_format.manifest import ManifestError, read_manifest
+from model_format.repository import check_version
 from tools.heads.data import DataError
 from tools.heads.edit import EditError, merge, remove
 from tools.heads.features import default_cache_dir

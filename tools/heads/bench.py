@@ -25,8 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from server.manifest import read_lookup_vocab, read_manifest
-from server.repository import latest_complete, scan_model
+from model_format.manifest import read_lookup_vocab, read_manifest
+from model_format.repository import latest_complete, scan_model
 from tools.heads.edit import merge
 from tools.heads.new_head import train_new_head
 from tools.heads.train import TrainConfig

@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.manifest import CHUNK_BYTES
+from model_format.manifest import CHUNK_BYTES
 
 
 class DataError(ValueError):

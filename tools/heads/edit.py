@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from server.features import FeatureEncoder
-from server.manifest import MODEL_FILES, Head, Manifest, ManifestError, read_manifest, verify_files
-from server.repository import VERSION_RE, next_version, valid_model_name
+from model_format.features import FeatureEncoder
+from model_format.manifest import MODEL_FILES, Head, Manifest, ManifestError, read_manifest, verify_files
+from model_format.repository import VERSION_RE, next_version, valid_model_name
 from tools.build_model.weights import HeadWeights
 from tools.build_model.writer import write_version_from_graphs
 from tools.heads import verify

@@ -23,8 +23,8 @@ import numpy as np
 import onnxruntime as ort
 from tqdm import tqdm
 
-from server.features import EncodedRequest, FeatureEncoder, FeatureError, pad_batch
-from server.manifest import Manifest
+from model_format.features import EncodedRequest, FeatureEncoder, FeatureError, pad_batch
+from model_format.manifest import Manifest
 from tools.heads.data import LabeledRow
 from tools.heads.verify import Report, session
 

@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from server.manifest import TOKENIZER_FILE, Manifest
+from model_format.manifest import TOKENIZER_FILE, Manifest
 from tools.build_model.graph import BOTTOM_PREFIX, HEAD_PREFIX
 from tools.build_model.precision import head_node_names
 from tools.build_model.weights import HeadWeights

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from server.features import FeatureEncoder, pad_batch
-from server.manifest import Head, Manifest
+from model_format.features import FeatureEncoder, pad_batch
+from model_format.manifest import Head, Manifest
 from tools.heads.data import file_sha256, read_labeled
 from tools.heads.edit import EditError, export_heads, load_version, resolve_target
 from tools.heads.features import FeatureStats, compute_features, encode_rows

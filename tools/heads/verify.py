@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from server.features import EncodedRequest, FeatureEncoder, FeatureError, pad_batch
-from server.golden import read_golden
-from server.manifest import Manifest, read_lookup_vocab
+from model_format.features import EncodedRequest, FeatureEncoder, FeatureError, pad_batch
+from model_format.golden import read_golden
+from model_format.manifest import Manifest, read_lookup_vocab
 
 NEW_HEAD_TOLERANCE = 1e-6
 PROBE_BATCH = 16

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
-from server.manifest import TOKENIZER_FILE, Manifest, read_lookup_vocab
+from model_format.manifest import TOKENIZER_FILE, Manifest, read_lookup_vocab
 
 MISSING_ID = 0  # zero vector in the graph
 UNKNOWN_ID = 1  # the vocabulary's [UNK] row: a learned "some site we have not seen" embedding

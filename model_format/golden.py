@@ -6,12 +6,21 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
-from server.features import FeatureEncoder, pad_batch
-from server.manifest import Manifest
-from server.runtime import ModelRuntime
+from model_format.features import FeatureEncoder, pad_batch
+from model_format.manifest import Manifest
+
+
+class Engine(Protocol):
+    """What a golden check needs of an engine (the server's ModelRuntime is one)."""
+
+    @property
+    def precision(self) -> str: ...
+
+    def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray: ...
 
 
 class GoldenMismatch(ValueError):
@@ -45,7 +54,7 @@ def read_golden(path: Path) -> list[GoldenRequest]:
     return [GoldenRequest.from_json(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def check_golden(version_dir: Path, manifest: Manifest, features: FeatureEncoder, runtime: ModelRuntime) -> float:
+def check_golden(version_dir: Path, manifest: Manifest, features: FeatureEncoder, runtime: Engine) -> float:
     """Raises GoldenMismatch unless every golden score is within the precision's tolerance.
 
     Returns the largest difference seen (0.0 when the version ships no golden requests)."""

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.manifest import Manifest, ManifestError, read_manifest, verify_files
+from model_format.manifest import Manifest, ManifestError, read_manifest, verify_files
 
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 VERSION_RE = re.compile(r"^[1-9][0-9]{0,17}$")
