@@ -24,24 +24,23 @@ import grpc
 import numpy as np
 
 from bench.build import time_build
-from bench.data import DEFAULT_DATA, REPO_ROOT, load_pairs
 from bench.docs import benchmarks_md, merge_into
-from bench.engine import (
+from bench.kit.data import DEFAULT_DATA, REPO_ROOT, load_pairs
+from bench.kit.engine import (
     Engine,
     agreement,
     arrangement,
-    arrangement_flags,
     describe,
     load_engine,
     make_workload,
     probe,
     throughput_sweep,
 )
+from bench.kit.machine import machine_info
+from bench.kit.rates import SweepConfig, run_step, sweep
+from bench.kit.server import ServerProcess, ServerSpec, server_flags
 from bench.plots import SERVER_PNG, THROUGHPUT_PNG, plot_server, plot_throughput
 from bench.report import headline_rows, overhead_analysis, summary_markdown
-from bench.server import ServerProcess, ServerSpec, server_flags
-from bench.serverload import SweepConfig, run_step, sweep
-from bench.sysmon import machine_info
 from loadtest.openloop import LoadConfig, run_open_loop, serialize_requests
 from model_format.features import EncodedRequest, FeatureEncoder, FeatureError
 from model_format.repository import latest_complete, scan_model
@@ -122,15 +121,6 @@ def data_stats(items: list[EncodedRequest]) -> dict[str, float]:
             "tokens_p99": float(np.percentile(lengths, 99)), "tokens_max": int(lengths.max())}
 
 
-def common_server_flags(args: argparse.Namespace, version: int) -> list[str]:
-    supported = server_flags(args.server_cwd)
-    threads = arrangement_flags(args.threads) if "--engine-lanes" in supported else [
-        "--intra-op-threads", str(args.threads or 2)]  # an older checkout: one run of every core
-    flags = ["--precision", "fp32", *threads, "--pin", f"{args.model}={version}",
-             "--poll-interval-s", "0", "--max-connection-age-s", "3600", "--log-level", "WARNING"]
-    if "--cache-bytes" in supported:
-        flags += ["--cache-bytes", "0"]  # replayed pairs must reach the engine, not a result cache
-    return flags
 
 
 async def server_phase(args: argparse.Namespace, results: dict[str, Any], requests: list[bytes], version: int,
@@ -144,7 +134,7 @@ async def server_phase(args: argparse.Namespace, results: dict[str, Any], reques
     def probe_fn() -> float:
         return probe(fp32, work, args.probe_s)
 
-    flags = common_server_flags(args, version)
+    flags = server_flags(threads=args.threads, pin=(args.model, version))
     results["server_flags"] = flags
     cfg = SweepConfig(limit=limit, fractions=args.fractions, step_s=args.step_s, timeout_s=args.timeout_s,
                       p99_bound_ms=args.p99_bound_ms, refine=args.refine, max_reruns=args.max_reruns)

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.data import REPO_ROOT
+from bench.kit.data import REPO_ROOT
 
 
 def time_build(reference: Path | None) -> dict[str, Any]:

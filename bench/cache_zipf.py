@@ -41,13 +41,14 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from bench.data import DEFAULT_DATA, REPO_ROOT, Pair, load_pairs
-from bench.docs import merge_section
-from bench.engine import arrangement, arrangement_flags, describe, load_engine, throughput_sweep
-from bench.server import ServerProcess, ServerSpec, metric_sum
-from bench.serverload import SweepConfig, next_fraction, run_step, sweep
-from bench.sysmon import machine_info
+from bench.kit.data import DEFAULT_DATA, REPO_ROOT, load_pairs
+from bench.kit.engine import arrangement, arrangement_flags, describe, load_engine, throughput_sweep
+from bench.kit.machine import machine_info
+from bench.kit.publish import merge_section
+from bench.kit.rates import SweepConfig, next_fraction, run_step, sweep
+from bench.kit.server import ServerProcess, ServerSpec, metric_sum, server_flags
 from loadtest.openloop import SCORE_METHOD, LoadConfig, run_open_loop
+from loadtest.workload import Pair
 from model_format.features import EncodedRequest, FeatureEncoder, FeatureError
 from model_format.manifest import Manifest
 from model_format.repository import latest_complete, scan_model
@@ -124,12 +125,6 @@ def engine_limit(data: ModelData, threads: int, batch_sizes: Sequence[int], roun
             "table": table}
 
 
-def server_flags(version: int, model: str, threads: int | None, extra: Sequence[str] = ()) -> list[str]:
-    """As bench/__main__.py runs the server: fp32, pinned, no polling, no reconnects during a step.
-    `threads` None: no thread or lane flags (the server's defaults)."""
-    return ["--precision", "fp32", "--pin", f"{model}={version}", "--poll-interval-s", "0",
-            "--max-connection-age-s", "3600", "--log-level", "WARNING",
-            *(arrangement_flags(threads) if threads is not None else []), *extra]
 
 
 LIVE: list[ServerProcess] = []  # every server this run started, stopped again at exit whatever happened
@@ -355,7 +350,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 async def uncached_phase(args: argparse.Namespace, data: ModelData, limit: float, requests: list[bytes],
                          exact_bodies: list[bytes]) -> tuple[dict[str, Any], list[dict[int, float]]]:
-    flags = server_flags(data.manifest.version, args.model, args.threads, ["--cache-bytes", "0"])
+    flags = server_flags(threads=args.threads, pin=(args.model, data.manifest.version))
     out_dir = args.out / NAME
     server = ServerProcess(ServerSpec(args.model_repo, args.server_cwd, flags, out_dir / "server-cache-off.log"))
     cfg = SweepConfig(limit=limit, fractions=args.uncached_fractions, step_s=args.step_s, timeout_s=args.timeout_s,
@@ -376,7 +371,7 @@ async def uncached_phase(args: argparse.Namespace, data: ModelData, limit: float
 async def cached_phase(args: argparse.Namespace, data: ModelData, limit: float, stream: Stream,
                        sites: list[str], exact_bodies: list[bytes], exact_site: str
                        ) -> tuple[dict[str, Any], dict[str, Any]]:
-    flags = server_flags(data.manifest.version, args.model, args.threads)  # --cache-bytes: the default
+    flags = server_flags(threads=args.threads, pin=(args.model, data.manifest.version), cache=True)
     out_dir = args.out / NAME
     server = ServerProcess(ServerSpec(args.model_repo, args.server_cwd, flags, out_dir / "server-cache-on.log"))
     cfg = SweepConfig(limit=limit, fractions=args.cached_fractions, timeout_s=args.timeout_s,
@@ -585,10 +580,10 @@ def markdown(results: dict[str, Any]) -> str:
         "median; the limit is the best batch size. Server: `python -m server --precision fp32 "
         f"{' '.join(arrangement_flags(a['threads']))}` (pinned, no polling), driven by `loadtest.openloop` (Poisson "
         "arrivals, latency from the scheduled send, pre-serialized requests, one channel). Cache off: "
-        f"`bench.serverload.sweep`, steps of {a['step_s']:g} s. Cache on: "
+        f"`bench.kit.rates.sweep`, steps of {a['step_s']:g} s. Cache on: "
         + ("the warm-up (`fetch`: 16 calls at a time, retried when refused), then " if st.get("warm_requests")
            else "") + "the same step "
-        "(`bench.serverload.run_step`) and bisection (`next_fraction`), each step lasting "
+        "(`bench.kit.rates.run_step`) and bisection (`next_fraction`), each step lasting "
         f"{st['requests_per_step']:,} / rate seconds (at most {a.get('max_cached_step_s', 40):g} s: a step capped "
         "so plays fewer requests, and its *stream implies* column is lower). Sustainable = no failures, "
         "achieved ≥ 95% of offered, "

@@ -36,13 +36,21 @@ from typing import Any
 
 import grpc
 
-from bench.__main__ import common_server_flags
-from bench.data import DEFAULT_DATA, REPO_ROOT, load_pairs
-from bench.docs import merge_section
-from bench.engine import Engine, Workload, arrangement, describe, load_engine, make_workload, probe, throughput_sweep
-from bench.peers.procs import PeerProcess, TreeCpuMonitor, tree_memory_mib
-from bench.server import ServerProcess, ServerSpec, free_port
-from bench.sysmon import machine_info
+from bench.kit.data import DEFAULT_DATA, REPO_ROOT, load_pairs
+from bench.kit.engine import (
+    Engine,
+    Workload,
+    arrangement,
+    describe,
+    load_engine,
+    make_workload,
+    probe,
+    throughput_sweep,
+)
+from bench.kit.machine import TreeCpuMonitor, machine_info, tree_memory_mib
+from bench.kit.publish import merge_section
+from bench.kit.server import ServerProcess, ServerSpec, free_port, server_flags
+from bench.peers.procs import PeerProcess
 from loadtest.openloop import LoadConfig, run_open_loop, serialize_requests
 from loadtest.sweep import find_max_rate, judge
 from model_format.features import EncodedRequest, FeatureEncoder, FeatureError
@@ -159,8 +167,7 @@ def make_systems(args: argparse.Namespace, out_dir: Path, version_dir: Path, ver
     for name in args.systems:
         log_path = out_dir / f"{name}.log"
         if name == "service":
-            flags = common_server_flags(argparse.Namespace(threads=args.threads, model=args.model,
-                                                           server_cwd=REPO_ROOT), version)
+            flags = server_flags(threads=args.threads, pin=(args.model, version))
             handle: ServerProcess | PeerProcess = ServerProcess(ServerSpec(args.model_repo, REPO_ROOT, flags,
                                                                            log_path))
             systems.append(System(name, handle, {"flags": flags}))
@@ -600,7 +607,7 @@ def markdown(results: dict[str, Any], plot: str | None) -> str:
             f"achieved rate was ≥ 95% of the offered and p99 ≤ {obj:g} ms; the table shows the rate of the best "
             "such step (all its calls answered OK, so offered = completed).",
             f"3. **Fixed load**: {fixed_how} ({_f(rate)}/s) for {a['fixed_s']:g} s on every system. CPU: CPU "
-            "seconds of the server's whole process tree per wall second (`/proc`, as `bench.sysmon` does); RSS: "
+            "seconds of the server's whole process tree per wall second (`/proc`, as `bench.kit.machine` does); RSS: "
             "summed over the tree at the end of that run (PSS shares shared pages out, so it is the fairer figure "
             "for Ray's many processes).",
             "4. Servers are measured one at a time in the order naive, this service, Ray (Ray's daemons stay idle "

@@ -5,7 +5,7 @@ the excess fast with RESOURCE_EXHAUSTED, keep its queue bounded, keep the p99 of
 `--target-p99-ratio` (2) × its value at normal load, keep its memory flat and keep doing useful work.
 
 1. The real server (`python -m server`, fp32, result cache off) on a throw-away copy of the repository.
-2. The sustainable rate S (`bench.sustain`: cached for the same server code and flags, else measured).
+2. The sustainable rate S (`bench.kit.rates`: cached for the same server code and flags, else measured).
 3. Open-loop Poisson load in three phases: normal (`--normal-fraction` × S), overload (factor × S),
    recovery (normal again). /metrics (queue depth) and /proc (RSS, CPU) are sampled every 0.5 s.
 4. Each phase is judged on the calls scheduled in it, after `--settle-s` (the queue needs a moment to fill
@@ -27,28 +27,15 @@ from typing import Any
 import grpc
 import numpy as np
 
-from bench.sustain import (
-    REFUSED,
-    Sampler,
-    Segment,
-    add_common_args,
-    chunk_line,
-    fmt_ms,
-    load_requests,
-    logger,
-    machine,
-    machine_line,
-    obtain_rate,
-    plot_timeline,
-    publish_docs,
-    rate_sentence,
-    run_segments,
-    start_server,
-    temp_repo,
-    throughput_flags,
-    verdict,
-    write_results,
-)
+from bench.kit.cli import add_common_args, logger, throughput_flags
+from bench.kit.data import load_requests
+from bench.kit.fmt import fmt_ms, verdict
+from bench.kit.machine import machine, machine_line
+from bench.kit.publish import publish_docs, write_results
+from bench.kit.rates import obtain_rate, rate_sentence
+from bench.kit.server import start_server
+from bench.kit.swap import temp_repo
+from bench.kit.timeline import REFUSED, Sampler, Segment, chunk_line, plot_timeline, run_segments
 from loadtest.openloop import LoadResult
 
 NAME = "overload"

@@ -26,32 +26,15 @@ from typing import Any
 import grpc
 import numpy as np
 
-from bench.sustain import (
-    LifecycleLog,
-    Sample,
-    Sampler,
-    Segment,
-    Swap,
-    add_common_args,
-    chunk_line,
-    fmt_ms,
-    hot_swap,
-    load_requests,
-    logger,
-    machine,
-    machine_line,
-    obtain_rate,
-    per_version,
-    plot_timeline,
-    publish_docs,
-    rate_sentence,
-    run_segments,
-    start_server,
-    temp_repo,
-    throughput_flags,
-    verdict,
-    write_results,
-)
+from bench.kit.cli import add_common_args, logger, throughput_flags
+from bench.kit.data import load_requests
+from bench.kit.fmt import fmt_ms, verdict
+from bench.kit.machine import machine, machine_line
+from bench.kit.publish import publish_docs, write_results
+from bench.kit.rates import obtain_rate, rate_sentence
+from bench.kit.server import per_version, start_server
+from bench.kit.swap import LifecycleLog, Swap, hot_swap, temp_repo
+from bench.kit.timeline import Sample, Sampler, Segment, chunk_line, plot_timeline, run_segments
 from loadtest.openloop import LoadResult
 
 NAME = "soak"

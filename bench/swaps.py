@@ -5,7 +5,7 @@ and the old ones unloaded, against steady state, on the same server under the sa
 
 1. The real server (`python -m server`, fp32, result cache off, `--poll-interval-s 0.5`) serves a throw-away
    repository holding the newest version of the model (hard links).
-2. The sustainable rate S is obtained (`bench.sustain`); Poisson load at `--load-fraction` × S starts.
+2. The sustainable rate S is obtained (`bench.kit.rates`); Poisson load at `--load-fraction` × S starts.
 3. Steady window: `--steady-s` seconds (after a warm-up) with nothing changing.
 4. Then `--swaps` times, every `--swap-every-s`: version N+1 (the same bytes, renumbered) is staged under a
    hidden name and renamed into place. The server's log times each swap: detected, loaded + checksums +
@@ -29,32 +29,15 @@ from typing import Any
 import grpc
 import numpy as np
 
-from bench.sustain import (
-    Calls,
-    LifecycleLog,
-    Sampler,
-    Segment,
-    Swap,
-    add_common_args,
-    chunk_line,
-    fmt_ms,
-    hot_swap,
-    load_requests,
-    logger,
-    machine,
-    machine_line,
-    obtain_rate,
-    per_version,
-    plot_timeline,
-    publish_docs,
-    rate_sentence,
-    run_segments,
-    start_server,
-    temp_repo,
-    throughput_flags,
-    verdict,
-    write_results,
-)
+from bench.kit.cli import add_common_args, logger, throughput_flags
+from bench.kit.data import load_requests
+from bench.kit.fmt import fmt_ms, verdict
+from bench.kit.machine import machine, machine_line
+from bench.kit.publish import publish_docs, write_results
+from bench.kit.rates import obtain_rate, rate_sentence
+from bench.kit.server import per_version, start_server
+from bench.kit.swap import LifecycleLog, Swap, hot_swap, temp_repo
+from bench.kit.timeline import Calls, Sampler, Segment, chunk_line, plot_timeline, run_segments
 from loadtest.openloop import LoadResult, latency_summary
 
 NAME = "swaps"

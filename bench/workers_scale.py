@@ -16,14 +16,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import itertools
 import json
-import os
-import signal
-import socket
 import time
-import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -43,16 +38,15 @@ from bench.cache_zipf import (
     fraction_sweep,
     load_model_data,
     machine_table,
-    server_flags,
     start_server,
     stop_all,
     sweep_outcome,
     write_docs,
 )
-from bench.data import DEFAULT_DATA, REPO_ROOT
-from bench.server import ServerProcess, ServerSpec, metric_sum
-from bench.serverload import SweepConfig, run_step
-from bench.sysmon import CpuMonitor, machine_info, process_cpu_seconds
+from bench.kit.data import DEFAULT_DATA, REPO_ROOT
+from bench.kit.machine import CpuMonitor, machine_info, process_cpu_seconds
+from bench.kit.rates import SweepConfig, run_step
+from bench.kit.server import ServerProcess, ServerSpec, metric_sum, server_flags
 from loadtest.openloop import SCORE_METHOD, LoadConfig, run_open_loop
 from scoring.v1 import scoring_pb2
 from server.resources import cpu_limit
@@ -80,106 +74,10 @@ def configs(text: str) -> list[tuple[int, int]]:
     return out
 
 
-def scrape_port(port: int) -> dict[str, float]:
-    """/metrics as {'name{labels}': value} (as ServerProcess.scrape, for any worker's port)."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    values = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            try:
-                values[key] = float(value)
-            except ValueError:
-                continue
-    return values
 
 
-def free_port_run(count: int) -> int:
-    """A port p with p .. p+count-1 all free: worker i serves /metrics on --metrics-port + i."""
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base: int = s.getsockname()[1]
-        if base + count > 65535:
-            continue
-        try:
-            socks = []
-            for p in range(base, base + count):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", p))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError(f"no run of {count} free ports")
 
 
-class WorkerGroup(ServerProcess):
-    """`python -m server --workers N`: the supervisor is `pid`; metrics are summed over the workers."""
-
-    def __init__(self, spec: ServerSpec, workers: int) -> None:
-        super().__init__(spec)
-        self.workers = workers
-        self.metrics_port = free_port_run(workers)
-
-    def start(self, timeout: float = 300.0) -> None:
-        t0 = time.perf_counter()
-        super().start(timeout)  # SERVING on the shared port = at least one worker is ready
-        deadline = time.monotonic() + timeout
-        while not all(self._serving(i) for i in range(self.workers)):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"not every worker serves after {timeout:.0f} s; see {self.spec.log_path}")
-            time.sleep(0.3)
-        self.start_seconds = time.perf_counter() - t0
-
-    def _serving(self, i: int) -> bool:
-        try:
-            values = scrape_port(self.metrics_port + i)
-        except OSError:
-            return False
-        return any(k.startswith("scoring_model_info{") and 'state="serving"' in k and v == 1
-                   for k, v in values.items())
-
-    def scrape_workers(self) -> list[dict[str, float]]:
-        return [scrape_port(self.metrics_port + i) for i in range(self.workers)]
-
-    def scrape(self) -> dict[str, float]:
-        total: dict[str, float] = {}
-        for values in self.scrape_workers():
-            for k, v in values.items():
-                total[k] = total.get(k, 0.0) + v
-        return total
-
-    def worker_pids(self) -> list[int]:
-        """The processes that serve: the workers (the supervisor's children), or the server itself."""
-        if self.workers == 1:
-            return [self.pid]  # --workers 1 runs the server in the process itself, no supervisor
-        pids = []
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                try:
-                    stat = Path(f"/proc/{entry}/stat").read_text()
-                except OSError:
-                    continue
-                if int(stat[stat.rindex(")") + 2:].split()[1]) == self.pid:
-                    pids.append(int(entry))
-        return pids
-
-    def stop(self, timeout: float = 30.0) -> int | None:
-        workers = self.worker_pids() if self.proc is not None and self.proc.poll() is None else []
-        code = super().stop(timeout)
-        for pid in workers:  # the supervisor forwards SIGTERM; a worker it failed to reap must not linger
-            try:
-                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue  # gone
-            if b"--worker-index" in argv and str(self.grpc_port).encode() in argv:  # still ours, not a reused pid
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-        return code
 
 
 class SpreadChannel:
@@ -201,20 +99,20 @@ class SpreadChannel:
         return call
 
 
-async def balanced_channels(group: WorkerGroup, per_worker: int, body: bytes, timeout_s: float
+async def balanced_channels(group: ServerProcess, per_worker: int, body: bytes, timeout_s: float
                             ) -> tuple[list[grpc.aio.Channel], list[int]]:
     """Opens connections until every worker holds `per_worker` of them (or 30 tries per wanted one)."""
-    held: dict[int, list[grpc.aio.Channel]] = {i: [] for i in range(group.workers)}
-    for _ in range(30 * per_worker * group.workers):
+    held: dict[int, list[grpc.aio.Channel]] = {i: [] for i in range(group.spec.workers)}
+    for _ in range(30 * per_worker * group.spec.workers):
         if all(len(v) >= per_worker for v in held.values()):
             break
         # A local subchannel pool: this channel gets its own TCP connection, not a shared one.
         ch = grpc.aio.insecure_channel(group.target, options=[("grpc.use_local_subchannel_pool", 1)])
-        before = [metric_sum(v, PV) for v in await asyncio.to_thread(group.scrape_workers)]
+        before = [metric_sum(v, PV) for v in await asyncio.to_thread(group.scrape_each)]
         call = ch.unary_unary(SCORE_METHOD, request_serializer=None, response_deserializer=None)
         await call(body, timeout=timeout_s)
-        after = [metric_sum(v, PV) for v in await asyncio.to_thread(group.scrape_workers)]
-        worker = max(range(group.workers), key=lambda i: after[i] - before[i])
+        after = [metric_sum(v, PV) for v in await asyncio.to_thread(group.scrape_each)]
+        worker = max(range(group.spec.workers), key=lambda i: after[i] - before[i])
         if len(held[worker]) < per_worker:
             held[worker].append(ch)
         else:
@@ -231,10 +129,9 @@ async def run_config(args: argparse.Namespace, data: ModelData, limit: float, re
     # T threads: each worker runs one batch of T threads at a time; default: the server's own choice
     # (each worker gets its share of the cores as single-threaded lanes).
     exact = ["--intra-op-threads", str(threads), "--engine-lanes", "1"] if threads else []
-    flags = server_flags(data.manifest.version, args.model, None,
-                         [*exact, "--cache-bytes", "0", "--workers", str(workers)])
+    flags = server_flags(threads=None, pin=(args.model, data.manifest.version), extra=exact)
     log_path = args.out / NAME / f"server-{workers}w-{threads or 'default'}t.log"
-    group = WorkerGroup(ServerSpec(args.model_repo, args.server_cwd, flags, log_path), workers)
+    group = ServerProcess(ServerSpec(args.model_repo, args.server_cwd, flags, log_path, workers=workers))
     grid = sorted({*args.fractions, args.fixed_fraction})
     cfg = SweepConfig(limit=limit, fractions=grid, step_s=args.step_s, timeout_s=args.timeout_s,
                       p99_bound_ms=args.p99_bound_ms)
@@ -248,13 +145,13 @@ async def run_config(args: argparse.Namespace, data: ModelData, limit: float, re
 
         async def measure(fraction: float) -> Step:
             monitor = CpuMonitor()  # this process and the machine; the workers are summed below
-            before_w = await asyncio.to_thread(group.scrape_workers)
+            before_w = await asyncio.to_thread(group.scrape_each)
             cpu0 = sum(process_cpu_seconds(p) for p in pids)
             monitor.start()
             step = await run_step(group, spread, requests, fraction, cfg, None, lambda _m: None, label)
             own = monitor.stop()
             server_cores = (sum(process_cpu_seconds(p) for p in pids) - cpu0) / own["wall_s"]
-            after_w = await asyncio.to_thread(group.scrape_workers)
+            after_w = await asyncio.to_thread(group.scrape_each)
             step["cpu"] = {**own, "server_cores": round(server_cores, 3), "server_event_loop_cores": None,
                            "foreign_cores": round(max(own["machine_cores"] - own["bench_cores"] - server_cores,
                                                       0.0), 3)}
@@ -421,7 +318,7 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         "**Method.** Open-loop Poisson load (`loadtest.openloop`, latency from the scheduled send) in "
         f"steps of {a['step_s']:g} s: the grid {sorted({*a['fractions'], a['fixed_fraction']})} × the limit, "
-        f"then {a['refine']} bisection steps (`bench.serverload.run_step` and `next_fraction`). SO_REUSEPORT "
+        f"then {a['refine']} bisection steps (`bench.kit.rates.run_step` and `next_fraction`). SO_REUSEPORT "
         "balances connections, not calls: the generator opens connections until each worker holds "
         f"{a['connections_per_worker']} (checked on each worker's `/metrics`) and sends calls round-robin over "
         "them, so each worker gets the same share. Sustainable = no failures, achieved ≥ 95% of offered, p99 ≤ "

@@ -6,7 +6,7 @@ are ignored, and a missing or null field is left out of the request, as the serv
 missing. Rows without a query are skipped and counted, because real data sets have a few; anything
 else malformed is an error naming the line, so a bad file never turns into a misleading run.
 
-The synthetic workload reuses `bench.data.synthetic_pairs` (CJK characters from the model's
+The synthetic workload draws pairs with `synthetic_pairs` (CJK characters from the model's
 vocabulary, about 34 tokens per pair with [CLS]/[SEP], p99 about 80) and adds a site, NER tags and
 an industry drawn from the demo model's look-up vocabularies, some of them absent as in real logs.
 """
@@ -20,11 +20,17 @@ from typing import Any
 
 import numpy as np
 
-from bench.data import synthetic_pairs
 from scoring.v1 import scoring_pb2
 from tools.build_model.demo_vocab import INDUSTRIES, NER_TAGS, demo_sites
 
 TEXT_FIELDS = ("query", "title", "site", "industry")
+DEMO_VOCAB = Path(__file__).resolve().parents[1] / "vocab" / "ernie-3.0-zh-vocab.txt"
+
+
+@dataclass(frozen=True)
+class Pair:
+    query: str
+    title: str
 
 
 class WorkloadError(ValueError):
@@ -140,3 +146,32 @@ def synthetic_workload(n: int, seed: int = 7) -> Workload:
             values["industry"] = INDUSTRIES[int(rng.integers(0, len(INDUSTRIES)))]
         requests.append(scoring_pb2.ScoreRequest(**values))
     return Workload(requests, f"synthetic: {n}, seed {seed}")
+
+
+def _cjk_chars(vocab: Path) -> list[str]:
+    chars = []
+    with vocab.open(encoding="utf-8") as fh:
+        for line in fh:
+            tok = line.rstrip("\n")
+            if len(tok) == 1 and "\u4e00" <= tok <= "\u9fff":
+                chars.append(tok)
+    return chars
+
+
+def synthetic_pairs(n: int, seed: int = 7, vocab: Path | None = None) -> list[Pair]:
+    """Random CJK text, one token per character: query ~8 and title ~23 characters, log-normal tails."""
+    chars = _cjk_chars(vocab or DEMO_VOCAB)
+    if not chars:
+        chars = [chr(c) for c in range(0x4E00, 0x4E00 + 3000)]
+    rng = np.random.default_rng(seed)
+    q_len = np.clip(np.rint(rng.lognormal(2.0, 0.4, n)), 1, 60).astype(int)
+    t_len = np.clip(np.rint(rng.lognormal(3.0, 0.53, n)), 0, 200).astype(int)
+    # Zipf-like character frequencies, as in real text.
+    weights = 1.0 / np.arange(1, len(chars) + 1)
+    weights /= weights.sum()
+    out = []
+    for q, t in zip(q_len.tolist(), t_len.tolist(), strict=True):
+        ids = rng.choice(len(chars), size=q + t, p=weights)
+        text = "".join(chars[i] for i in ids.tolist())
+        out.append(Pair(text[:q], text[q:]))
+    return out

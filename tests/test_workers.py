@@ -31,7 +31,7 @@ def _serving_versions(srv: ServerProcess, workers: int) -> list[int]:
 
 def test_two_workers_share_the_port_and_both_swap(tmp_path: Path) -> None:
     build_small_model(tmp_path, version=1, seed=1)
-    with run_server(tmp_path, "--workers", "2", "--poll-interval-s", "0.2") as srv:
+    with run_server(tmp_path, "--poll-interval-s", "0.2", workers=2) as srv:
         deadline = time.monotonic() + 60
         while _serving_versions(srv, 2) != [1, 1]:
             assert time.monotonic() < deadline, "both workers must serve"
@@ -42,7 +42,7 @@ def test_two_workers_share_the_port_and_both_swap(tmp_path: Path) -> None:
                 assert stub.Score(scoring_pb2.ScoreRequest(query=f"北京{i}"), timeout=10).version == 1
         per_worker = []
         for i in range(2):
-            metrics = scrape(ServerProcess(srv.proc, srv.grpc_port, srv.metrics_port + i, srv.admin_port + i))
+            metrics = scrape(srv, i)
             per_worker.append(metrics.get('model_pv_total{model="tiny",version="1"}', 0.0))
             # Each worker's engine gets its share of the cores, not every core.
             assert metrics['scoring_engine_lanes{model="tiny",version="1"}'] == max(1, cpu_limit() // 2)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.engine import Engine, load_engine
+from bench.kit.engine import Engine, load_engine
 from model_format.features import EncodedRequest, FeatureEncoder, pad_batch
 from model_format.manifest import Manifest, read_manifest
 from scoring.v1 import scoring_pb2

@@ -1,6 +1,6 @@
 """Peers as subprocesses, and the CPU and memory of a whole process tree (Ray runs many processes).
 
-CPU per process comes from `bench.sysmon.process_cpu_seconds`; memory is summed over the tree: RSS
+CPU per process comes from `bench.kit.machine`; memory is summed over the tree: RSS
 (counts shared pages once per process, so it overstates a multi-process stack) and PSS (shares them out).
 """
 
@@ -13,89 +13,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
 import grpc
 
-from bench.sysmon import _machine_busy_seconds, process_cpu_seconds
+from bench.kit.machine import tree_pids
 from loadtest.openloop import SCORE_METHOD
-
-
-def _children_map() -> dict[int, list[int]]:
-    kids: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            text = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        ppid = int(text[text.rindex(")") + 2:].split()[1])
-        kids.setdefault(ppid, []).append(int(entry))
-    return kids
-
-
-def tree_pids(root: int) -> list[int]:
-    """`root` and all its living descendants."""
-    kids = _children_map()
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        if Path(f"/proc/{pid}").exists():
-            out.append(pid)
-        todo.extend(kids.get(pid, []))
-    return out
-
-
-def _status_kib(pid: int, key: str, file: str = "status") -> int:
-    try:
-        for line in Path(f"/proc/{pid}/{file}").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
-
-
-def tree_memory_mib(root: int) -> dict[str, float]:
-    pids = tree_pids(root)
-    rss = sum(_status_kib(p, "VmRSS") for p in pids)
-    pss = sum(_status_kib(p, "Pss", "smaps_rollup") for p in pids)
-    return {"rss_mib": round(rss / 1024, 1), "pss_mib": round(pss / 1024, 1), "processes": len(pids)}
-
-
-@dataclass
-class TreeCpuMonitor:
-    """CPU used by a process tree between `start` and `stop`, and by everyone else ("foreign")."""
-
-    root: int
-    _t0: float = 0.0
-    _busy0: float = 0.0
-    _own0: float = 0.0
-    _cpu0: dict[int, float] = field(default_factory=dict)
-
-    def _tree_cpu(self) -> dict[int, float]:
-        return {p: process_cpu_seconds(p) for p in tree_pids(self.root)}
-
-    def start(self) -> None:
-        self._cpu0 = self._tree_cpu()
-        self._busy0, _ = _machine_busy_seconds()
-        self._own0 = time.process_time()
-        self._t0 = time.perf_counter()
-
-    def stop(self) -> dict[str, float]:
-        wall = max(time.perf_counter() - self._t0, 1e-9)
-        cpu1 = self._tree_cpu()
-        busy1, _ = _machine_busy_seconds()
-        # A process born during the interval counts from 0; one that died is lost (rare while serving).
-        server = sum(v - self._cpu0.get(p, 0.0) for p, v in cpu1.items())
-        own = time.process_time() - self._own0
-        machine = busy1 - self._busy0
-        return {"wall_s": round(wall, 3), "server_cores": round(server / wall, 3),
-                "bench_cores": round(own / wall, 3), "machine_cores": round(machine / wall, 3),
-                "foreign_cores": round(max(machine - own - server, 0.0) / wall, 3)}
 
 
 class PeerProcess:

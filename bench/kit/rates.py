@@ -1,27 +1,25 @@
-"""Step 4: the server under open-loop Poisson load, stepped in fractions of the raw engine's throughput.
-
-A step is *sustainable* when every call succeeded, the achieved rate kept up with the offered rate
-(at least `KEEP_UP` of it) and p99 stayed under the latency bound. The server's max sustained
-throughput is the highest achieved rate of a sustainable step. After the grid, the gap between the
-highest sustainable step and the next failing one is bisected (or, when every step was sustainable,
-the grid is extended upwards) `refine` times.
-
-Shared machines: a step during which other processes used more than `noisy_cores` of CPU is run again
-(at most `max_reruns` times per sweep) and the attempt with the least interference is kept.
-"""
+"""The sustainable rate, one search for every benchmark: open-loop steps in fractions of a limit, judged by
+`loadtest.sweep.judge`, bisected; a step disturbed by other processes is run again."""
 
 from __future__ import annotations
 
+import argparse
+import datetime as dt
+import hashlib
+import json
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
-from bench.server import ServerProcess, batch_stats
-from bench.sysmon import CpuMonitor
+from bench.kit.cli import Progress
+from bench.kit.data import REPO_ROOT
+from bench.kit.machine import CpuMonitor
+from bench.kit.server import ServerProcess, batch_stats
 from loadtest.openloop import LoadConfig, run_open_loop
-from loadtest.sweep import KEEP_UP, judge  # one rule for every sweep
+from loadtest.sweep import KEEP_UP, judge
 
 
 @dataclass(frozen=True)
@@ -153,3 +151,85 @@ async def sweep(
         "engine_probes": {"min": min(probes), "max": max(probes), "n": len(probes)} if probes else None,
         "reruns": reruns,
     }
+
+
+CACHE_MAX_AGE_S = 6 * 3600.0
+
+
+def server_code_hash() -> str:
+    digest = hashlib.sha256()
+    for path in sorted((REPO_ROOT / "server").rglob("*.py")):
+        digest.update(path.relative_to(REPO_ROOT).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+async def measure_rate(server: ServerProcess, requests: Sequence[bytes], *, quick: bool, timeout_s: float,
+                       probe_rate: float, progress: Progress) -> dict[str, Any]:
+    """Capacity probe (overloaded for a few seconds: OK answers per second), then `bench.kit.rates.sweep`
+    from half of it upwards, bisecting the boundary."""
+    t = time.perf_counter()
+    probe_s = 4.0 if quick else 6.0
+    async with grpc.aio.insecure_channel(server.target) as channel:
+        res = await run_open_loop(channel, requests, LoadConfig(rate=probe_rate, duration_s=probe_s,
+                                                                timeout_s=timeout_s, warmup_s=1.5, seed=3))
+    capacity = res.achieved_rate or res.completed_rate
+    if capacity <= 0:
+        raise RuntimeError(f"capacity probe at {probe_rate:.0f}/s got no OK answer: {res.failures}")
+    progress(f"capacity probe: {probe_rate:.0f}/s offered for {probe_s:.0f} s -> {capacity:.1f} OK/s "
+             f"({sum(res.failures.values())} failed); bisecting below it")
+    cfg = SweepConfig(limit=capacity, fractions=[0.5, 0.8] if quick else [0.55, 0.75, 0.9],
+                      step_s=5.0 if quick else 10.0, timeout_s=timeout_s, refine=1 if quick else 3,
+                      max_reruns=0 if quick else 1)
+    out = await sweep(server, requests, cfg, label="sustain", progress=progress)
+    rate = out["max_sustained_rate"]
+    fallback = None
+    if rate <= 0:  # e.g. a machine so busy that even the lowest step failed: still run, and say so
+        rate = 0.5 * min(s["achieved_rate"] for s in out["steps"])
+        fallback = (f"no step was sustainable (lowest: {min(out['steps'], key=lambda s: s['fraction'])['verdict']});"
+                    f" using half the lowest step's OK rate")
+        progress(f"WARNING: {fallback}: {rate:.1f}/s")
+    keep = ("fraction", "offered_rate", "achieved_rate", "failures", "latency", "sustainable", "verdict", "cpu")
+    return {"rate": rate, "source": "measured", "capacity_probe": {"offered": probe_rate, "ok_per_s": capacity},
+            "steps": [{k: s[k] for k in keep} for s in out["steps"]], "seconds": round(time.perf_counter() - t, 1),
+            "quick": quick, "p99_bound_ms": cfg.p99_bound_ms, "fallback": fallback}
+
+
+async def obtain_rate(server: ServerProcess, requests: Sequence[bytes], args: argparse.Namespace,
+                      flags: Sequence[str], progress: Progress, probe_rate: float = 400.0) -> dict[str, Any]:
+    """The sustainable rate: `--rate`, else a cached measurement of the same server code and flags, else
+    measured now (and cached). A quick measurement is only reused by quick runs."""
+    if args.rate:
+        return {"rate": float(args.rate), "source": "--rate"}
+    key = {"server_code": server_code_hash(), "flags": list(flags)}
+    cache = args.out / "sustain" / "results.json"
+    if cache.is_file() and not args.remeasure_rate:
+        try:
+            doc = json.loads(cache.read_text())
+        except ValueError:
+            doc = {}
+        age = time.time() - float(doc.get("measured_at_epoch", 0))
+        if doc.get("key") == key and age < CACHE_MAX_AGE_S and (args.quick or not doc.get("quick")):
+            progress(f"sustainable rate {doc['rate']:.1f}/s: measured {age / 60:.0f} min ago on the same server "
+                     f"code and flags ({cache}); --remeasure-rate to measure again")
+            return {**doc, "source": f"cached: {cache}"}
+    progress("measuring the sustainable rate (no failure, ≥ 95% kept up, p99 ≤ 1 s)")
+    doc = await measure_rate(server, requests, quick=args.quick, timeout_s=args.timeout_s, probe_rate=probe_rate,
+                             progress=progress)
+    doc.update(key=key, measured_at_epoch=time.time(),
+               measured_at=dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"))
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(doc, indent=1) + "\n")
+    progress(f"sustainable rate: {doc['rate']:.1f}/s (measured in {doc['seconds']:.0f} s, cached in {cache})")
+    return doc
+
+
+def rate_sentence(rate: dict[str, Any]) -> str:
+    if rate["source"] == "--rate":
+        return f"{rate['rate']:.1f} req/s (given with `--rate`)"
+    how = "measured in this run" if rate["source"] == "measured" else f"measured {rate.get('measured_at', '')}"
+    probe = rate.get("capacity_probe") or {}
+    if rate.get("fallback"):
+        how += f"; **{rate['fallback']}**"
+    return (f"{rate['rate']:.1f} req/s ({how}: highest Poisson rate with no failure, ≥ 95% kept up and p99 ≤ "
+            f"{rate.get('p99_bound_ms', 1000):.0f} ms; capacity probe {probe.get('ok_per_s', 0):.0f} OK/s at "
+            f"{probe.get('offered', 0):.0f}/s offered{'; quick' if rate.get('quick') else ''})")

@@ -19,7 +19,7 @@ import numpy as np
 import onnxruntime as ort
 from scipy.stats import spearmanr
 
-from bench.sysmon import CpuMonitor
+from bench.kit.machine import CpuMonitor
 from model_format.features import EncodedRequest, pad_batch
 from model_format.manifest import Manifest
 from server.resources import cpu_limit

@@ -1,0 +1,14 @@
+"""The benchmark kit: what every scenario shares, and nothing scenario-specific.
+
+- `server`: the real server as a subprocess (benchmarks and tests alike), its flags, /metrics readings;
+- `data`: query/title pairs and the serialized requests built from them;
+- `engine`: the raw ONNX Runtime engine, the limit every server number is a ratio of;
+- `rates`: the one rate search (open-loop steps judged by `loadtest.sweep.judge`) and the sustainable rate;
+- `timeline`: load over time, every call's outcome, the server sampled as it goes, the timeline plot;
+- `swap`: throw-away repositories and hot swaps followed through the server's lifecycle log;
+- `machine`: the machine and who used its CPUs and memory;
+- `publish`: results.json, a tool's BENCHMARKS.md section and plots;
+- `cli`, `fmt`: the shared command line, progress lines and number formatting.
+
+A kit module never imports a scenario (`bench/<name>.py`) or a report (`bench/reports/`).
+"""

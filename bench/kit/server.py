@@ -1,0 +1,389 @@
+"""The real server as a subprocess (`python -m server`), for benchmarks and tests alike: flags, start,
+health, /metrics, logs, stop; plus what a scrape of /metrics says."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from bench.kit.data import REPO_ROOT
+from bench.kit.engine import arrangement_flags
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def free_port_run(count: int) -> int:
+    """A port p with p .. p+count-1 all free: worker i serves /metrics on --metrics-port + i."""
+    if count == 1:
+        return free_port()
+    for _ in range(100):
+        base = free_port()
+        if base + count > 65535:
+            continue
+        socks: list[socket.socket] = []
+        try:
+            for port in range(base, base + count):
+                socks.append(socket.socket())
+                socks[-1].bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+    raise RuntimeError(f"no run of {count} free ports")
+
+
+def server_flags(*, threads: int | None = 0, pin: tuple[str, int] | None = None, cache: bool = False,
+                 log_level: str | None = "WARNING", extra: Sequence[str] = ()) -> list[str]:
+    """The server as the benchmarks run it: fp32, `threads` as lanes x intra-op threads filling the cores
+    (None: the server's own default), no reconnect during a run, the result cache off unless `cache` (replayed
+    pairs must reach the engine), and with `pin` one version served with no repository polling."""
+    flags = ["--precision", "fp32", *(arrangement_flags(threads) if threads is not None else []),
+             "--max-connection-age-s", "3600"]
+    if pin is not None:
+        flags += ["--pin", f"{pin[0]}={pin[1]}", "--poll-interval-s", "0"]
+    if not cache:
+        flags += ["--cache-bytes", "0"]
+    if log_level is not None:
+        flags += ["--log-level", log_level]
+    return [*flags, *extra]
+
+
+@dataclass
+class ServerSpec:
+    model_repo: Path
+    cwd: Path = REPO_ROOT  # the checkout whose `server` package runs
+    extra: Sequence[str] = ()
+    log_path: Path | None = None  # stderr (the JSON log) to this file; None: kept in `log_lines`
+    env: Mapping[str, str] = field(default_factory=dict)
+    admin: bool = False  # an admin port (else --admin-port 0)
+    workers: int = 1  # --workers N: worker i serves /metrics on metrics_port + i
+    credentials: grpc.ChannelCredentials | None = None  # for a TLS scoring port
+
+
+class ServerProcess:
+    """One `python -m server` on loopback ports of its own. A start that fails because another process took
+    a port between `free_port()` and the bind is retried on fresh ports (and only such a start)."""
+
+    def __init__(self, spec: ServerSpec) -> None:
+        self.spec = spec
+        self._proc: subprocess.Popen[bytes] | None = None
+        self.log_lines: list[str] = []
+        self.command: list[str] = []
+        self.start_seconds = 0.0
+        self._log: IO[bytes] | None = None
+        self._pump: threading.Thread | None = None
+        self._pick_ports()
+
+    def _pick_ports(self) -> None:
+        self.grpc_port = free_port()  # shared by the workers (SO_REUSEPORT)
+        self.metrics_port = free_port_run(self.spec.workers)  # worker i: metrics_port + i, as the admin port
+        self.admin_port = free_port_run(self.spec.workers) if self.spec.admin else 0
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def admin_target(self) -> str:
+        return f"127.0.0.1:{self.admin_port}"
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes]:
+        assert self._proc is not None, "not started"
+        return self._proc
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def channel(self) -> grpc.Channel:
+        if self.spec.credentials is not None:
+            return grpc.secure_channel(self.target, self.spec.credentials)
+        return grpc.insecure_channel(self.target)
+
+    def start(self, timeout: float = 180.0, wait: bool = True) -> None:
+        t0 = time.perf_counter()
+        for attempt in range(3):
+            self._spawn()
+            if not wait:
+                return
+            try:
+                self.wait_serving(timeout)
+                break
+            except RuntimeError:
+                if attempt == 2 or not self._bind_failed():
+                    self.kill()
+                    raise
+                self.kill()
+                self._pick_ports()
+            except BaseException:
+                self.kill()
+                raise
+        self.start_seconds = time.perf_counter() - t0
+
+    def _spawn(self) -> None:
+        spec = self.spec
+        self.log_lines = []
+        self.command = [sys.executable, "-m", "server", "--model-repo", str(spec.model_repo.resolve()),
+                        "--host", "127.0.0.1", "--grpc-port", str(self.grpc_port),
+                        "--metrics-port", str(self.metrics_port), "--admin-port", str(self.admin_port),
+                        *(["--workers", str(spec.workers)] if spec.workers > 1 else []), *spec.extra]
+        self._log = spec.log_path.open("wb") if spec.log_path else None
+        self._proc = subprocess.Popen(self.command, cwd=spec.cwd, stdout=subprocess.DEVNULL,
+                                     stderr=self._log if self._log is not None else subprocess.PIPE,
+                                     env={**os.environ, "PYTHONPATH": str(spec.cwd), **spec.env})
+        if self._log is None:
+            self._pump = threading.Thread(target=self._read_stderr, args=(self._proc,), daemon=True)
+            self._pump.start()
+
+    def _read_stderr(self, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            self.log_lines.append(line.decode("utf-8", "replace").rstrip("\n"))
+
+    def _bind_failed(self) -> bool:
+        if self._pump is not None:
+            self._pump.join(timeout=5)
+        return any("Failed to bind" in line for line in self.logs())
+
+    def logs(self) -> list[str]:
+        """The server's stderr lines so far (from the log file when there is one)."""
+        if self.spec.log_path is not None:
+            try:
+                return self.spec.log_path.read_text(encoding="utf-8", errors="replace").splitlines()
+            except OSError:
+                return []
+        return list(self.log_lines)
+
+    def events(self) -> list[dict[str, Any]]:
+        """The JSON log's records."""
+        out = []
+        for line in self.logs():
+            try:
+                doc = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(doc, dict):
+                out.append(doc)
+        return out
+
+    def health(self, service: str = "") -> int:
+        with self.channel() as ch:
+            status: int = health_pb2_grpc.HealthStub(ch).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=2).status
+            return status
+
+    def wait_serving(self, timeout: float = 180.0) -> None:
+        """Until the health service says SERVING; with workers, until every worker's /metrics answers too."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self._proc is not None
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self._proc.returncode}:\n" + "\n".join(self.logs()[-30:]))
+            try:
+                if self.health() == health_pb2.HealthCheckResponse.SERVING and all(
+                        self._worker_serving(i) for i in range(1, self.spec.workers)):
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"server not SERVING after {timeout:.0f} s:\n" + "\n".join(self.logs()[-30:]))
+
+    def _worker_serving(self, worker: int) -> bool:
+        try:
+            return bool(serving_versions(self.scrape(worker)))
+        except OSError:
+            return False
+
+    def worker_pids(self) -> list[int]:
+        """The processes that serve: the workers (the supervisor's children), or the server itself."""
+        if self.spec.workers == 1:
+            return [self.pid]  # --workers 1 runs the server in the process itself, no supervisor
+        pids = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    stat = Path(f"/proc/{entry}/stat").read_text()
+                except OSError:
+                    continue
+                if int(stat[stat.rindex(")") + 2:].split()[1]) == self.pid:
+                    pids.append(int(entry))
+        return pids
+
+    def _kill_stray_workers(self, pids: Sequence[int]) -> None:
+        """The supervisor forwards SIGTERM; a worker it failed to reap must not linger."""
+        for pid in pids:
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue  # gone
+            if b"--worker-index" in argv and str(self.grpc_port).encode() in argv:  # ours, not a reused pid
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+    def scrape(self, worker: int = 0) -> dict[str, float]:
+        """/metrics (of one worker) as {'name{labels}': value}."""
+        url = f"http://127.0.0.1:{self.metrics_port + worker}/metrics"
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        values = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                key, _, value = line.rpartition(" ")
+                try:
+                    values[key] = float(value)
+                except ValueError:
+                    continue
+        return values
+
+    def scrape_each(self) -> list[dict[str, float]]:
+        return [self.scrape(i) for i in range(self.spec.workers)]
+
+    def scrape_all(self) -> dict[str, float]:
+        """/metrics summed over the workers (gauges too: each worker has its own queue and engine)."""
+        total: dict[str, float] = {}
+        for values in self.scrape_each():
+            for key, value in values.items():
+                total[key] = total.get(key, 0.0) + value
+        return total
+
+    async def ascrape(self) -> dict[str, float]:
+        return await asyncio.to_thread(self.scrape_all)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
+        """Signals the server and waits for its exit code (killed after `timeout`)."""
+        if self._proc is None:
+            return None
+        workers = self.worker_pids() if self.spec.workers > 1 and self._proc.poll() is None else []
+        if self._proc.poll() is None:
+            self._proc.send_signal(sig)
+            try:
+                self._proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait(timeout=10)
+        self._close_log()
+        self._kill_stray_workers(workers)
+        return self._proc.returncode
+
+    def kill(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait(timeout=10)
+        self._close_log()
+
+    def _close_log(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def __enter__(self) -> ServerProcess:
+        self.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+
+def metric_sum(values: dict[str, float], name: str) -> float:
+    """Sum of a metric over all its label sets (e.g. every model's `scoring_batch_size_sum`)."""
+    return sum(v for k, v in values.items() if k == name or k.startswith(name + "{"))
+
+
+def batch_stats(before: dict[str, float], after: dict[str, float], wall_s: float) -> dict[str, float | None]:
+    """What the server's batcher and engine did between two scrapes."""
+    def delta(name: str) -> float:
+        return metric_sum(after, name) - metric_sum(before, name)
+
+    # Lanes run batches at once: busy and per-busy-second figures are per lane-second of the serving
+    # version (the largest lane count scraped; 1 for a server without lanes).
+    lanes = max([v for k, v in after.items() if k.startswith("scoring_engine_lanes")] or [1.0])
+    batches = delta("scoring_batch_size_count")
+    items = delta("scoring_batch_size_sum")
+    engine_s = delta("scoring_inference_duration_seconds_sum")
+    waits = delta("scoring_queue_wait_seconds_count")
+    requests = delta("scoring_request_duration_seconds_count")
+
+    def ratio(a: float, b: float, digits: int = 4) -> float | None:
+        return round(a / b, digits) if b > 0 else None
+
+    return {
+        "batches": batches,
+        "items": items,
+        "mean_batch_size": ratio(items, batches, 2),
+        "mean_padding_ratio": ratio(delta("scoring_batch_padding_ratio_sum"), batches),
+        "engine_lanes": lanes,
+        "engine_busy_fraction": ratio(engine_s, wall_s * lanes),
+        "engine_items_per_busy_s": ratio(items * lanes, engine_s, 2),
+        "mean_engine_ms_per_batch": ratio(engine_s * 1000, batches, 2),
+        "mean_queue_wait_ms": ratio(delta("scoring_queue_wait_seconds_sum") * 1000, waits, 2),
+        "mean_server_request_ms": ratio(delta("scoring_request_duration_seconds_sum") * 1000, requests, 2),
+    }
+
+
+def rss_mib(pid: int) -> float:
+    """Resident set size of a process (0 when it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return 0.0
+
+
+def start_server(repo: Path, flags: Sequence[str], log_path: Path, progress: Callable[[str], None]) -> ServerProcess:
+    server = ServerProcess(ServerSpec(repo, extra=list(flags), log_path=log_path))
+    server.start()
+    progress(f"server up in {server.start_seconds:.1f} s (pid {server.pid}, RSS {rss_mib(server.pid):.0f} MiB): "
+             + " ".join(flags))
+    return server
+
+
+_VERSION_LABEL = re.compile(r'version="(\d+)"')
+
+
+def serving_versions(values: dict[str, float]) -> list[int]:
+    out = []
+    for key, v in values.items():
+        if key.startswith("scoring_model_info{") and 'state="serving"' in key and v:
+            m = _VERSION_LABEL.search(key)
+            if m:
+                out.append(int(m.group(1)))
+    return sorted(out)
+
+
+def per_version(values: dict[str, float], name: str) -> dict[int, float]:
+    """A counter's value by its `version` label (summed over other labels)."""
+    out: dict[int, float] = {}
+    for key, v in values.items():
+        if key.startswith(name + "{"):
+            m = _VERSION_LABEL.search(key)
+            if m:
+                out[int(m.group(1))] = out.get(int(m.group(1)), 0.0) + v
+    return out
