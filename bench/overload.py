@@ -29,7 +29,7 @@ import numpy as np
 
 from bench.kit.cli import add_common_args, logger, throughput_flags
 from bench.kit.data import load_requests
-from bench.kit.fmt import fmt_ms, verdict
+from bench.kit.fmt import num, verdict
 from bench.kit.machine import machine, machine_line
 from bench.kit.publish import publish_docs, write_results
 from bench.kit.rates import obtain_rate, rate_sentence
@@ -167,13 +167,13 @@ def checks(r: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]]:
         + (", ".join(f"{k} {v}" for k, v in other.items()) or "none"), "no other failure", not other)
     rl = ovl["refused_latency"]
     add("refusals come back fast (p50 / p99 / max of refused calls)",
-        f"{fmt_ms(rl['p50_ms'])} / {fmt_ms(rl['p99_ms'])} / {fmt_ms(rl['max_ms'])} ms",
+        f"{num(rl['p50_ms'])} / {num(rl['p99_ms'])} / {num(rl['max_ms'])} ms",
         f"p99 ≤ {args.target_refusal_p99_ms:g} ms", rl["p99_ms"] <= args.target_refusal_p99_ms
         if rl["p99_ms"] is not None else None)
     p99n, p99o = nrm["ok_latency"]["p99_ms"], ovl["ok_latency"]["p99_ms"]
     ratio = p99o / p99n if p99n and p99o else None
     add("p99 of admitted (OK) calls under overload vs normal load",
-        f"{fmt_ms(p99o)} vs {fmt_ms(p99n)} ms = {ratio:.2f}×" if ratio else "–",
+        f"{num(p99o)} vs {num(p99n)} ms = {ratio:.2f}×" if ratio else "–",
         f"≤ {args.target_p99_ratio:g}×", ratio <= args.target_p99_ratio if ratio else None)
     tp = ovl["ok_rate"] or 0.0
     add("admitted throughput under overload (OK/s) vs the sustainable rate",
@@ -189,7 +189,7 @@ def checks(r: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]]:
         f"flat: ≤ +{args.target_rss_growth:.0%}", flat)
     p99r = rec["ok_latency"]["p99_ms"]
     add("recovery: failures and p99 back at normal load",
-        f"{rec['failed']} failed, p99 {fmt_ms(p99r)} ms", f"0 failed, p99 ≤ {args.target_p99_ratio:g}× normal",
+        f"{rec['failed']} failed, p99 {num(p99r)} ms", f"0 failed, p99 ≤ {args.target_p99_ratio:g}× normal",
         rec["failed"] == 0 and p99r is not None and p99n is not None and p99r <= args.target_p99_ratio * p99n)
     add("server still running at the end", str(r["server_alive_at_end"]), "yes", r["server_alive_at_end"])
     return out
@@ -224,8 +224,8 @@ def markdown(r: dict[str, Any], args: argparse.Namespace) -> str:
         qd = ph["queue_depth"]
         lines.append(
             f"| {name} | {ph['offered_rate']:.1f} | {ph['ok_rate']:.1f} | {ph['failures'].get(REFUSED, 0)} | "
-            f"{other} | {fmt_ms(ph['ok_latency']['p50_ms'])} | {fmt_ms(ph['ok_latency']['p99_ms'])} | "
-            f"{fmt_ms(ph['refused_latency']['p50_ms'])} | {fmt_ms(ph['refused_latency']['p99_ms'])} | "
+            f"{other} | {num(ph['ok_latency']['p50_ms'])} | {num(ph['ok_latency']['p99_ms'])} | "
+            f"{num(ph['refused_latency']['p50_ms'])} | {num(ph['refused_latency']['p99_ms'])} | "
             f"{_num(qd['max'] if qd else None)} | {_num(ph['rss_mib']['median'] if ph['rss_mib'] else None)} | "
             f"{ph['server_cores']} | {ph['foreign_cores']} |")
     lines += ["", "| target | measured | bound | |", "| --- | --- | --- | --- |"]

@@ -28,7 +28,7 @@ import numpy as np
 
 from bench.kit.cli import add_common_args, logger, throughput_flags
 from bench.kit.data import load_requests
-from bench.kit.fmt import fmt_ms, verdict
+from bench.kit.fmt import num, verdict
 from bench.kit.machine import machine, machine_line
 from bench.kit.publish import publish_docs, write_results
 from bench.kit.rates import obtain_rate, rate_sentence
@@ -190,8 +190,8 @@ def markdown(r: dict[str, Any], args: argparse.Namespace) -> str:
         "| calls | failed | OK p50 ms | OK p99 ms | OK max ms | worst p99 per "
         f"{r['p99_over_time']['bin_s']:g} s ms | swaps completed | versions that answered |",
         "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
-        f"| {o['calls']} | {o['failed']} | {fmt_ms(o['ok_latency']['p50_ms'])} | {fmt_ms(o['ok_latency']['p99_ms'])} "
-        f"| {fmt_ms(o['ok_latency']['max_ms'])} | {fmt_ms(max(p99s) if p99s else None)} | "
+        f"| {o['calls']} | {o['failed']} | {num(o['ok_latency']['p50_ms'])} | {num(o['ok_latency']['p99_ms'])} "
+        f"| {num(o['ok_latency']['max_ms'])} | {num(max(p99s) if p99s else None)} | "
         f"{len(ok_swaps)} of {len(r['swaps'])} | {', '.join(f'v{v}' for v in r['versions_seen'])} |",
         "",
         "| RSS | MiB |",

@@ -31,7 +31,7 @@ import numpy as np
 
 from bench.kit.cli import add_common_args, logger, throughput_flags
 from bench.kit.data import load_requests
-from bench.kit.fmt import fmt_ms, verdict
+from bench.kit.fmt import num, verdict
 from bench.kit.machine import machine, machine_line
 from bench.kit.publish import publish_docs, write_results
 from bench.kit.rates import obtain_rate, rate_sentence
@@ -220,13 +220,13 @@ def markdown(r: dict[str, Any], args: argparse.Namespace) -> str:
         "| window | calls | failed | p50 ms | p99 ms | max ms |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
         f"| steady ({st['from_s']:.0f}–{st['to_s']:.0f} s) | {st['calls']} | {st['failed']} | "
-        f"{fmt_ms(st['ok_latency']['p50_ms'])} | {fmt_ms(st['ok_latency']['p99_ms'])} | "
-        f"{fmt_ms(st['ok_latency']['max_ms'])} |",
+        f"{num(st['ok_latency']['p50_ms'])} | {num(st['ok_latency']['p99_ms'])} | "
+        f"{num(st['ok_latency']['max_ms'])} |",
         f"| during swaps (pooled, {len(r['per_swap'])} windows) | {du['calls']} | {du['failed']} | "
-        f"{fmt_ms(du['ok_latency']['p50_ms'])} | {fmt_ms(du['ok_latency']['p99_ms'])} | "
-        f"{fmt_ms(du['ok_latency']['max_ms'])} |",
-        f"| between swaps | {bw['calls']} | – | {fmt_ms(bw['ok_latency']['p50_ms'])} | "
-        f"{fmt_ms(bw['ok_latency']['p99_ms'])} | {fmt_ms(bw['ok_latency']['max_ms'])} |",
+        f"{num(du['ok_latency']['p50_ms'])} | {num(du['ok_latency']['p99_ms'])} | "
+        f"{num(du['ok_latency']['max_ms'])} |",
+        f"| between swaps | {bw['calls']} | – | {num(bw['ok_latency']['p50_ms'])} | "
+        f"{num(bw['ok_latency']['p99_ms'])} | {num(bw['ok_latency']['max_ms'])} |",
         "",
         "| swap | detected s | load + verify + warm-up + golden s | switch s | drain + unload s | total s | "
         "calls in window | failed | p99 ms | max ms |",
@@ -236,7 +236,7 @@ def markdown(r: dict[str, Any], args: argparse.Namespace) -> str:
         lines.append(f"| v{s['previous']} → v{s['version']}{' FAILED: ' + s['failed'] if s['failed'] else ''} | "
                      f"{_s(s['detect_s'])} | {_s(s['load_verify_warm_golden_s'])} | {_s(s['switch_s'])} | "
                      f"{_s(s['drain_unload_s'])} | {_s(s['total_s'])} | {s['calls']} | {s['failed_calls']} | "
-                     f"{fmt_ms(s['ok_latency']['p99_ms'])} | {fmt_ms(s['ok_latency']['max_ms'])} |")
+                     f"{num(s['ok_latency']['p99_ms'])} | {num(s['ok_latency']['max_ms'])} |")
     # Latency is of OK calls; a window with refused calls hides its worst cases, so it cannot pass.
     clean = st["failed"] == 0 and du["failed"] == 0
     ratio_ok = ratio is not None and ratio <= args.target_ratio and clean

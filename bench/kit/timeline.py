@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from bench.kit.fmt import ms
 from bench.kit.machine import CpuMonitor
 from bench.kit.publish import _shrink_png
 from bench.kit.server import ServerProcess, metric_sum, rss_mib, serving_versions
@@ -200,12 +201,9 @@ def chunk_line(seg: Segment, start: float, res: LoadResult, sampler: Sampler | N
              f"  serving v{','.join(map(str, last.serving)) or '?'}") if last else ""
     fails = ", ".join(f"{k} {v}" for k, v in s["failures"].items()) or "0 failed"
     return (f"{seg.name:>9} {start:6.0f}-{start + s['duration_s']:<6.0f}s offered {s['offered_rate']:6.1f}/s  "
-            f"OK {s['ok'] / s['duration_s']:6.1f}/s  {fails}  p50 {_ms(lat['p50_ms'])}  p99 {_ms(lat['p99_ms'])}"
+            f"OK {s['ok'] / s['duration_s']:6.1f}/s  {fails}  p50 {ms(lat['p50_ms'])}  p99 {ms(lat['p99_ms'])}"
             + extra)
 
-
-def _ms(x: float | None) -> str:
-    return "–" if x is None else f"{x:,.0f} ms" if x >= 100 else f"{x:.1f} ms"
 
 
 def plot_timeline(calls: Calls, samples: Sequence[Sample], path: Path, title: str, *, bin_s: float,

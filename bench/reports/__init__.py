@@ -1,0 +1,2 @@
+"""Reports: pure functions from a scenario's results dict to Markdown and PNG. A report imports the kit (formatters,
+plots), never a scenario."""
