@@ -21,7 +21,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from loadtest.openloop import SCORE_METHOD, RunResult, rusage_self
+from loadtest.openloop import SCORE_METHOD, RunResult, check_run_config, default_window_start, rusage_self
 
 
 @dataclass(frozen=True)
@@ -37,19 +37,11 @@ class ClosedLoopConfig:
     def __post_init__(self) -> None:
         if self.concurrency < 1:
             raise ValueError("concurrency must be at least 1")
-        if self.duration_s <= 0:
-            raise ValueError("duration_s must be positive")
-        if self.timeout_s is not None and self.timeout_s <= 0:
-            raise ValueError("timeout_s must be positive (or None)")
-        if self.warmup_s is not None and not 0 <= self.warmup_s < self.duration_s:
-            raise ValueError("warmup_s must be in [0, duration_s)")
-        for key, _ in self.metadata:
-            if not key or key != key.lower():
-                raise ValueError(f"metadata keys must be non-empty and lower-case, got {key!r}")
+        check_run_config(self)
 
     @property
     def window_start_s(self) -> float:
-        return self.duration_s * 0.2 if self.warmup_s is None else self.warmup_s
+        return default_window_start(self.duration_s, self.warmup_s)
 
     def describe(self) -> dict[str, Any]:
         return {"concurrency": self.concurrency, "mode": "closed"}
@@ -59,13 +51,8 @@ class ClosedLoopResult(RunResult[ClosedLoopConfig]):
     """The result of `run_closed_loop`."""
 
 
-async def run_closed_loop(
-    channel: grpc.aio.Channel,
-    requests: Sequence[bytes],
-    config: ClosedLoopConfig,
-    *,
-    on_progress: Callable[[float], None] | None = None,
-) -> ClosedLoopResult:
+async def run_closed_loop(channel: grpc.aio.Channel, requests: Sequence[bytes], config: ClosedLoopConfig, *,
+                          on_progress: Callable[[float], None] | None = None) -> ClosedLoopResult:
     """Runs `config.concurrency` workers for `config.duration_s`, then waits for the calls in flight.
 
     `requests` are serialized request messages; each worker sends a seeded random pick among them.

@@ -51,22 +51,45 @@ class LoadConfig:
             raise ValueError("rate and duration_s must be positive")
         if self.arrival not in ("poisson", "constant"):
             raise ValueError(f"arrival must be poisson or constant, got {self.arrival!r}")
-        if self.timeout_s is not None and self.timeout_s <= 0:
-            raise ValueError("timeout_s must be positive (or None)")
-        if self.warmup_s is not None and not 0 <= self.warmup_s < self.duration_s:
-            raise ValueError("warmup_s must be in [0, duration_s)")
-        for key, _ in self.metadata:
-            # gRPC rejects upper-case keys at call time, once per request; fail here instead.
-            if not key or key != key.lower():
-                raise ValueError(f"metadata keys must be non-empty and lower-case, got {key!r}")
+        check_run_config(self)
 
     @property
     def window_start_s(self) -> float:
-        return self.duration_s * 0.2 if self.warmup_s is None else self.warmup_s
+        return default_window_start(self.duration_s, self.warmup_s)
 
     def describe(self) -> dict[str, Any]:
         """The keys that lead a summary: what kind of load this was."""
         return {"rate": self.rate, "arrival": self.arrival, "mode": "open"}
+
+
+class _Checked(Protocol):
+    @property
+    def duration_s(self) -> float: ...
+    @property
+    def timeout_s(self) -> float | None: ...
+    @property
+    def warmup_s(self) -> float | None: ...
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]: ...
+
+
+def check_run_config(cfg: _Checked) -> None:
+    """What open- and closed-loop runs share: a positive deadline, a window inside the run, usable metadata."""
+    if cfg.duration_s <= 0:
+        raise ValueError("duration_s must be positive")
+    if cfg.timeout_s is not None and cfg.timeout_s <= 0:
+        raise ValueError("timeout_s must be positive (or None)")
+    if cfg.warmup_s is not None and not 0 <= cfg.warmup_s < cfg.duration_s:
+        raise ValueError("warmup_s must be in [0, duration_s)")
+    for key, _ in cfg.metadata:
+        # gRPC rejects upper-case keys at call time, once per request; fail here instead.
+        if not key or key != key.lower():
+            raise ValueError(f"metadata keys must be non-empty and lower-case, got {key!r}")
+
+
+def default_window_start(duration_s: float, warmup_s: float | None) -> float:
+    """The throughput window starts after `warmup_s`, or after the first 20% of the run."""
+    return duration_s * 0.2 if warmup_s is None else warmup_s
 
 
 def arrival_offsets(rate: float, duration_s: float, arrival: Arrival, rng: np.random.Generator) -> np.ndarray:
@@ -215,13 +238,8 @@ def rusage_self() -> tuple[float, float]:
     return ru.ru_utime, ru.ru_stime
 
 
-async def run_open_loop(
-    channel: grpc.aio.Channel,
-    requests: Sequence[bytes],
-    config: LoadConfig,
-    *,
-    on_progress: Callable[[float], None] | None = None,
-) -> LoadResult:
+async def run_open_loop(channel: grpc.aio.Channel, requests: Sequence[bytes], config: LoadConfig, *,
+                        on_progress: Callable[[float], None] | None = None) -> LoadResult:
     """Offers `config.rate` calls per second for `config.duration_s`, then waits for every answer.
 
     `requests` are serialized request messages; call i sends a seeded random pick among them.

@@ -114,7 +114,7 @@ class FeatureEncoder:
         industry: str | None = None,
     ) -> EncodedRequest:
         # Two plain `encode` calls: `encode_batch` hands two strings to a thread pool, which costs
-        # more than it saves (74 µs against 42 µs per pair, measured on real pairs).
+        # more than it saves on one pair (BENCHMARKS.md, "Figures behind decisions in code").
         q_ids = self.token_ids(query)
         t_ids = self.token_ids(title) if title else ()
         if not q_ids:
