@@ -1,4 +1,4 @@
-"""Steps 2 and 3: fp32/int8 agreement and the raw ONNX Runtime throughput (the limit the server is held to).
+"""The raw ONNX Runtime engine: fp32/int8 agreement and its throughput (the limit a server is held to).
 
 Sessions are made with the server's options (`server.runtime`): full graph optimization, sequential
 execution, `intra_op_num_threads` threads. Inputs come from `model_format.features.FeatureEncoder` and
@@ -19,8 +19,10 @@ import numpy as np
 import onnxruntime as ort
 from scipy.stats import spearmanr
 
+from bench.kit.data import load_pairs
 from bench.kit.machine import CpuMonitor
-from model_format.features import EncodedRequest, pad_batch
+from loadtest.openloop import serialize_requests
+from model_format.features import EncodedRequest, FeatureEncoder, FeatureError, pad_batch
 from model_format.manifest import Manifest
 from server.resources import cpu_limit
 
@@ -69,6 +71,31 @@ def load_engine(version_dir: Path, manifest: Manifest, precision: str, threads: 
     session = ort.InferenceSession(str(version_dir / manifest.precisions[precision]), so,
                                    providers=["CPUExecutionProvider"])
     return Engine(precision, session, time.perf_counter() - t0, threads, lanes)
+
+
+@dataclass(frozen=True)
+class Encoded:
+    items: list[EncodedRequest]  # engine inputs
+    requests: list[bytes]  # the same pairs as serialized ScoreRequests, for a server
+    source: str
+    real: bool
+
+
+def encode_pairs(version_dir: Path, manifest: Manifest, data: Path | None) -> Encoded:
+    """The pairs of `data` (`bench.kit.data.load_pairs`) that the model can encode: a pair with no tokens would
+    be refused by any server, a failure that is not the server's."""
+    from scoring.v1 import scoring_pb2
+
+    pairs, encoder = load_pairs(data), FeatureEncoder(version_dir, manifest)
+    items, messages = [], []
+    for p in pairs.pairs:
+        try:
+            items.append(encoder.encode(p.query, p.title or None))
+        except FeatureError:
+            continue
+        messages.append(scoring_pb2.ScoreRequest(query=p.query, title=p.title or None))
+    source = pairs.source if pairs.real else "synthetic (the real pairs file is absent)"
+    return Encoded(items, serialize_requests(messages), source, pairs.real)
 
 
 def length_grouped(items: Sequence[EncodedRequest], batch_size: int) -> list[list[EncodedRequest]]:

@@ -2,5 +2,6 @@
 
 See `python -m tools.heads --help`. Modules: `graph_edit` (head surgery, bottom comparison),
 `edit` (merge/remove/export), `verify` (bit-identity checks), `data`, `features` (cached
-bottom features), `train` (numpy head training), `new_head` (the `train` command), `bench`.
+bottom features), `train` (numpy head training), `new_head` (the `train` command). Its benchmark is
+`python -m bench.heads`.
 """
