@@ -1,14 +1,16 @@
-"""The machine, and who used its CPUs and memory during a measurement (this process, the server or a process
-tree, everyone else)."""
+"""The machine, who used its CPUs and memory during a measurement (this process, the server or a process tree,
+everyone else), and process trees: their pids, memory, and the descendants left behind when the root stops."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 import platform
+import signal
 import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,21 +63,16 @@ def git_describe(repo_root: Path) -> str:
     return (commit or "unknown") + ("+dirty" if dirty else "")
 
 
-def process_cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, all its threads (0 if it is gone)."""
-    text = _read(f"/proc/{pid}/stat")
-    if not text:
-        return 0.0
-    fields = text[text.rindex(")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+def _stat(pid: int, tid: int | None = None) -> list[str]:
+    """The fields of /proc/<pid>[/task/<tid>]/stat after the command name ([0] is the state); [] when gone."""
+    text = _read(f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat")
+    return text[text.rindex(")") + 2:].split() if text else []
 
 
-def thread_cpu_seconds(pid: int, tid: int) -> float:
-    text = _read(f"/proc/{pid}/task/{tid}/stat")
-    if not text:
-        return 0.0
-    fields = text[text.rindex(")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+def process_cpu_seconds(pid: int, tid: int | None = None) -> float:
+    """utime + stime of a process, all its threads (or of its thread `tid`); 0 if it is gone."""
+    fields = _stat(pid, tid)
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK if fields else 0.0
 
 
 def _machine_busy_seconds() -> tuple[float, float]:
@@ -92,29 +89,27 @@ class CpuSample:
     machine_busy: float
     steal: float
     own: float
-    server: float
+    server: dict[int, float]  # CPU seconds by pid
     server_main: float
 
 
 class CpuMonitor:
     """CPU seconds used between `start` and `stop` by this process, a server process (and its event-loop
-    thread), the whole machine; "foreign" is whatever else ran: other tenants of a shared machine."""
+    thread; with `tree`, the server and all its descendants: one born during the interval counts from 0, one
+    that died is lost), the whole machine; "foreign" is whatever else ran: other tenants of a shared machine."""
 
-    def __init__(self, server_pid: int | None = None) -> None:
+    def __init__(self, server_pid: int | None = None, tree: bool = False) -> None:
         self.server_pid = server_pid
+        self.tree = tree
         self._start: CpuSample | None = None
 
     def _sample(self) -> CpuSample:
         busy, steal = _machine_busy_seconds()
         pid = self.server_pid
-        return CpuSample(
-            wall=time.perf_counter(),
-            machine_busy=busy,
-            steal=steal,
-            own=time.process_time(),
-            server=process_cpu_seconds(pid) if pid else 0.0,
-            server_main=thread_cpu_seconds(pid, pid) if pid else 0.0,
-        )
+        pids = (tree_pids(pid) if self.tree else [pid]) if pid else []
+        return CpuSample(wall=time.perf_counter(), machine_busy=busy, steal=steal, own=time.process_time(),
+                         server={p: process_cpu_seconds(p) for p in pids},
+                         server_main=process_cpu_seconds(pid, pid) if pid else 0.0)
 
     def start(self) -> None:
         self._start = self._sample()
@@ -126,7 +121,7 @@ class CpuMonitor:
         a, b = self._start, self._sample()
         wall = max(b.wall - a.wall, 1e-9)
         machine = b.machine_busy - a.machine_busy
-        own, server = b.own - a.own, b.server - a.server
+        own, server = b.own - a.own, sum(v - a.server.get(p, 0.0) for p, v in b.server.items())
         return {
             "wall_s": round(wall, 3),
             "machine_cores": round(machine / wall, 3),
@@ -141,15 +136,14 @@ class CpuMonitor:
 def _children_map() -> dict[int, list[int]]:
     kids: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            text = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        ppid = int(text[text.rindex(")") + 2:].split()[1])
-        kids.setdefault(ppid, []).append(int(entry))
+        if entry.isdigit() and (fields := _stat(int(entry))):
+            kids.setdefault(int(fields[1]), []).append(int(entry))
     return kids
+
+
+def children(pid: int) -> list[int]:
+    """The living children of `pid` (e.g. a supervisor's workers)."""
+    return _children_map().get(pid, [])
 
 
 def tree_pids(root: int) -> list[int]:
@@ -175,42 +169,52 @@ def _status_kib(pid: int, key: str, file: str = "status") -> int:
 
 
 def tree_memory_mib(root: int) -> dict[str, float]:
+    """RSS (counts shared pages once per process, so it overstates a multi-process stack) and PSS (shares them
+    out), summed over the tree."""
     pids = tree_pids(root)
     rss = sum(_status_kib(p, "VmRSS") for p in pids)
     pss = sum(_status_kib(p, "Pss", "smaps_rollup") for p in pids)
     return {"rss_mib": round(rss / 1024, 1), "pss_mib": round(pss / 1024, 1), "processes": len(pids)}
 
 
-@dataclass
-class TreeCpuMonitor:
-    """CPU used by a process tree between `start` and `stop`, and by everyone else ("foreign")."""
+def _start_time(pid: int) -> int:
+    fields = _stat(pid)
+    return int(fields[19]) if fields else -1
 
-    root: int
-    _t0: float = 0.0
-    _busy0: float = 0.0
-    _own0: float = 0.0
-    _cpu0: dict[int, float] = field(default_factory=dict)
 
-    def _tree_cpu(self) -> dict[int, float]:
-        return {p: process_cpu_seconds(p) for p in tree_pids(self.root)}
+def alive(pid: int) -> bool:
+    fields = _stat(pid)
+    return bool(fields) and fields[0] != "Z"
 
-    def start(self) -> None:
-        self._cpu0 = self._tree_cpu()
-        self._busy0, _ = _machine_busy_seconds()
-        self._own0 = time.process_time()
-        self._t0 = time.perf_counter()
 
-    def stop(self) -> dict[str, float]:
-        wall = max(time.perf_counter() - self._t0, 1e-9)
-        cpu1 = self._tree_cpu()
-        busy1, _ = _machine_busy_seconds()
-        # A process born during the interval counts from 0; one that died is lost (rare while serving).
-        server = sum(v - self._cpu0.get(p, 0.0) for p, v in cpu1.items())
-        own = time.process_time() - self._own0
-        machine = busy1 - self._busy0
-        return {"wall_s": round(wall, 3), "server_cores": round(server / wall, 3),
-                "bench_cores": round(own / wall, 3), "machine_cores": round(machine / wall, 3),
-                "foreign_cores": round(max(machine - own - server, 0.0) / wall, 3)}
+def terminate(pid: int, wait_s: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL if it still runs after `wait_s`."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + wait_s
+        while alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+class ProcessTree:
+    """Every descendant of `root` seen (`remember`), by pid and start time, so that those still running after
+    the root has gone can be ended (`end_leftovers`) and a reused pid is never touched."""
+
+    def __init__(self, root: int) -> None:
+        self.root = root
+        self.seen: dict[int, int] = {}
+
+    def remember(self) -> None:
+        for pid in tree_pids(self.root):
+            self.seen.setdefault(pid, _start_time(pid))
+
+    def end_leftovers(self) -> int:
+        left = [p for p, t in sorted(self.seen.items()) if p != self.root and alive(p) and _start_time(p) == t]
+        for pid in left:
+            terminate(pid)
+        return len(left)
 
 
 def machine_line(m: dict[str, Any]) -> str:
