@@ -4,7 +4,6 @@ health, /metrics, logs, stop; plus what a scrape of /metrics says."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import re
@@ -26,6 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.kit.data import REPO_ROOT
 from bench.kit.engine import arrangement_flags
+from bench.kit.machine import ProcessTree, children
 
 
 def free_port() -> int:
@@ -87,7 +87,11 @@ class ServerSpec:
 
 class ServerProcess:
     """One `python -m server` on loopback ports of its own. A start that fails because another process took
-    a port between `free_port()` and the bind is retried on fresh ports (and only such a start)."""
+    a port between `free_port()` and the bind is retried on fresh ports (and only such a start). Descendants
+    (workers) seen while it runs are ended at stop if they outlive it."""
+
+    stdout_to_log = False
+    stop_timeout_s = 30.0
 
     def __init__(self, spec: ServerSpec) -> None:
         self.spec = spec
@@ -97,6 +101,8 @@ class ServerProcess:
         self.start_seconds = 0.0
         self._log: IO[bytes] | None = None
         self._pump: threading.Thread | None = None
+        self.tree: ProcessTree | None = None  # the process and what it started, from the last start
+        self.leftovers = 0  # descendants still running after the process itself had gone
         self._pick_ports()
 
     def _pick_ports(self) -> None:
@@ -146,17 +152,23 @@ class ServerProcess:
                 raise
         self.start_seconds = time.perf_counter() - t0
 
+    def argv(self) -> list[str]:
+        spec = self.spec
+        return [sys.executable, "-m", "server", "--model-repo", str(spec.model_repo.resolve()),
+                "--host", "127.0.0.1", "--grpc-port", str(self.grpc_port),
+                "--metrics-port", str(self.metrics_port), "--admin-port", str(self.admin_port),
+                *(["--workers", str(spec.workers)] if spec.workers > 1 else []), *spec.extra]
+
     def _spawn(self) -> None:
         spec = self.spec
         self.log_lines = []
-        self.command = [sys.executable, "-m", "server", "--model-repo", str(spec.model_repo.resolve()),
-                        "--host", "127.0.0.1", "--grpc-port", str(self.grpc_port),
-                        "--metrics-port", str(self.metrics_port), "--admin-port", str(self.admin_port),
-                        *(["--workers", str(spec.workers)] if spec.workers > 1 else []), *spec.extra]
+        self.command = self.argv()
         self._log = spec.log_path.open("wb") if spec.log_path else None
-        self._proc = subprocess.Popen(self.command, cwd=spec.cwd, stdout=subprocess.DEVNULL,
-                                     stderr=self._log if self._log is not None else subprocess.PIPE,
-                                     env={**os.environ, "PYTHONPATH": str(spec.cwd), **spec.env})
+        self._proc = subprocess.Popen(
+            self.command, cwd=spec.cwd, stdout=self._log if self.stdout_to_log else subprocess.DEVNULL,
+            stderr=self._log if self._log is not None else subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": str(spec.cwd), **spec.env})
+        self.tree = ProcessTree(self._proc.pid)
         if self._log is None:
             self._pump = threading.Thread(target=self._read_stderr, args=(self._proc,), daemon=True)
             self._pump.start()
@@ -208,6 +220,7 @@ class ServerProcess:
             try:
                 if self.health() == health_pb2.HealthCheckResponse.SERVING and all(
                         self._worker_serving(i) for i in range(1, self.spec.workers)):
+                    self.remember_tree()
                     return
             except grpc.RpcError:
                 pass
@@ -222,29 +235,7 @@ class ServerProcess:
 
     def worker_pids(self) -> list[int]:
         """The processes that serve: the workers (the supervisor's children), or the server itself."""
-        if self.spec.workers == 1:
-            return [self.pid]  # --workers 1 runs the server in the process itself, no supervisor
-        pids = []
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                try:
-                    stat = Path(f"/proc/{entry}/stat").read_text()
-                except OSError:
-                    continue
-                if int(stat[stat.rindex(")") + 2:].split()[1]) == self.pid:
-                    pids.append(int(entry))
-        return pids
-
-    def _kill_stray_workers(self, pids: Sequence[int]) -> None:
-        """The supervisor forwards SIGTERM; a worker it failed to reap must not linger."""
-        for pid in pids:
-            try:
-                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue  # gone
-            if b"--worker-index" in argv and str(self.grpc_port).encode() in argv:  # ours, not a reused pid
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+        return [self.pid] if self.spec.workers == 1 else children(self.pid)
 
     def scrape(self, worker: int = 0) -> dict[str, float]:
         """/metrics (of one worker) as {'name{labels}': value}."""
@@ -274,27 +265,32 @@ class ServerProcess:
     async def ascrape(self) -> dict[str, float]:
         return await asyncio.to_thread(self.scrape_all)
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
+    def stop(self, sig: int = signal.SIGTERM, timeout: float | None = None) -> int | None:
         """Signals the server and waits for its exit code (killed after `timeout`)."""
         if self._proc is None:
             return None
-        workers = self.worker_pids() if self.spec.workers > 1 and self._proc.poll() is None else []
         if self._proc.poll() is None:
+            self.remember_tree()  # the workers, before the supervisor that knows them goes
             self._proc.send_signal(sig)
             try:
-                self._proc.wait(timeout=timeout)
+                self._proc.wait(timeout=timeout or self.stop_timeout_s)
             except subprocess.TimeoutExpired:
                 self._proc.kill()
                 self._proc.wait(timeout=10)
-        self._close_log()
-        self._kill_stray_workers(workers)
+        self.kill()  # the root is gone by now: this ends descendants that outlived it
         return self._proc.returncode
 
     def kill(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
+            self.remember_tree()
             self._proc.kill()
             self._proc.wait(timeout=10)
         self._close_log()
+        self.leftovers += self.tree.end_leftovers() if self.tree is not None else 0
+
+    def remember_tree(self) -> None:
+        if self.tree is not None:
+            self.tree.remember()
 
     def _close_log(self) -> None:
         if self._log is not None:

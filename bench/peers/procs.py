@@ -3,9 +3,6 @@ kill) running `python -m bench.peers.<name>` instead, serving once a real Score 
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -14,7 +11,6 @@ from pathlib import Path
 import grpc
 
 from bench.kit.data import REPO_ROOT
-from bench.kit.machine import ProcessTree
 from bench.kit.server import ServerProcess, ServerSpec
 from loadtest.openloop import SCORE_METHOD
 
@@ -27,17 +23,13 @@ class PeerProcess(ServerProcess):
     def __init__(self, name: str, args: Sequence[str], probe: bytes, log_path: Path,
                  metadata: tuple[tuple[str, str], ...] = ()) -> None:
         self.name, self.args, self.probe, self.metadata = name, list(args), probe, metadata
-        self.tree: ProcessTree | None = None
-        self.leftovers = 0
         super().__init__(ServerSpec(REPO_ROOT, log_path=log_path))
 
-    def _spawn(self) -> None:
-        assert self.spec.log_path is not None
-        self.command = [sys.executable, "-m", f"bench.peers.{self.name}", "--port", str(self.grpc_port), *self.args]
-        self._log = self.spec.log_path.open("wb")
-        self._proc = subprocess.Popen(self.command, cwd=REPO_ROOT, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
-        self.tree = ProcessTree(self._proc.pid)
+    stdout_to_log = True
+    stop_timeout_s = 60.0  # Ray's shutdown
+
+    def argv(self) -> list[str]:
+        return [sys.executable, "-m", f"bench.peers.{self.name}", "--port", str(self.grpc_port), *self.args]
 
     def wait_serving(self, timeout: float = 240.0) -> None:
         """Until a real Score call (the probe request, with the metadata) answers OK."""
@@ -45,8 +37,7 @@ class PeerProcess(ServerProcess):
         with self.channel() as channel:
             call = channel.unary_unary(SCORE_METHOD, request_serializer=None, response_deserializer=None)
             while True:
-                if self.tree is not None:
-                    self.tree.remember()
+                self.remember_tree()
                 if self.proc.poll() is not None:
                     raise RuntimeError(f"{self.name} exited with {self.proc.returncode}; see {self.spec.log_path}")
                 try:
@@ -57,15 +48,3 @@ class PeerProcess(ServerProcess):
                         raise TimeoutError(f"{self.name} not answering after {timeout:.0f} s ({exc.code().name}); "
                                            f"see {self.spec.log_path}") from exc
                 time.sleep(0.5)
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int | None:
-        if self.tree is not None and self.proc.poll() is None:
-            self.tree.remember()
-        try:
-            return super().stop(sig, timeout)
-        finally:
-            self.kill()  # the root is gone by now: this ends its leftover descendants
-
-    def kill(self) -> None:
-        super().kill()
-        self.leftovers += self.tree.end_leftovers() if self.tree is not None else 0
