@@ -46,12 +46,12 @@ def _status_of(manager: ModelManager, model: str) -> admin_pb2.ModelStatus:
         return admin_pb2.ModelStatus(model=model)
     versions = []
     for version, r in sorted(records.versions.items()):
-        runtime = r.loaded.runtime if r.loaded else None
+        info = r.loaded.info() if r.loaded else None
         versions.append(admin_pb2.VersionStatus(
             version=version, state=r.state.value, reason=r.reason,
-            precision=runtime.precision if runtime else "",
-            execution_provider=runtime.provider if runtime else "",
-            loaded_at_unix=r.loaded.loaded_at if r.loaded else 0.0,
+            precision=info.precision if info else "",
+            execution_provider=info.provider if info else "",
+            loaded_at_unix=info.loaded_at if info else 0.0,
         ))
     return admin_pb2.ModelStatus(model=model, serving_version=records.serving.version if records.serving else 0,
                                  pinned_version=records.pinned, versions=versions)

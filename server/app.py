@@ -72,6 +72,7 @@ class ScoringServer:
         self.config = config
         self.metrics = metrics or Metrics()
         self.manager = ModelManager(config.manager, self.metrics)
+        self.manager.on_change(self.metrics.publish_versions)
         self.health = health_aio.HealthServicer()
         cache = None
         cache_metrics = CacheMetrics.create(self.metrics.registry)
@@ -120,7 +121,7 @@ class ScoringServer:
             start_http_server(cfg.metrics_port, registry=self.metrics.registry)
         log.info("listening", extra={"event": "listening", "grpc_port": self.port, "metrics_port": cfg.metrics_port,
                                      "worker": cfg.worker_index, "pid": os.getpid()})
-        self.manager.on_change(self._schedule_health_refresh)
+        self.manager.on_change(lambda _models: self._schedule_health_refresh())
         if cfg.admin_port:
             await self._start_admin()
         await self.manager.start()

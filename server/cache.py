@@ -139,9 +139,9 @@ class CachingScheduler:
 
     def submit(self, model: LoadedModel, items: Sequence[EncodedRequest],
                deadline: float | None) -> list[asyncio.Future[np.ndarray]]:
-        """Synchronous like `Batcher.submit`: all items admitted (or answered) or none (raises)."""
+        """Synchronous like `LoadedModel.submit`: all items admitted (or answered) or none (raises)."""
         if self.cache is None:
-            return model.batcher.submit(items, deadline)
+            return model.submit(items, deadline)
         assert self.metrics is not None
         loop = asyncio.get_running_loop()
         keys = [(model.name, model.version, item) for item in items]
@@ -167,7 +167,7 @@ class CachingScheduler:
         self.metrics.misses.labels(name).inc(len(items) - hits)
         self.metrics.coalesced.labels(name).inc(coalesced)
         if fresh:
-            queued = model.batcher.submit([k[2] for k in fresh], deadline)  # may raise: nothing joined yet
+            queued = model.submit([k[2] for k in fresh], deadline)  # may raise: nothing joined yet
             for (key, idx), leader in zip(fresh.items(), queued, strict=True):
                 self._lead(key, model, leader)
                 for i in idx:
@@ -235,7 +235,7 @@ class CachingScheduler:
         deadlines = [d for _, d in followers]
         latest = None if None in deadlines else max(d for d in deadlines if d is not None)
         try:
-            (leader,) = model.batcher.submit([key[2]], latest)
+            (leader,) = model.submit([key[2]], latest)
         except Exception as exc:  # queue full or draining: these followers get that answer
             for f, _ in followers:
                 f.set_exception(exc)

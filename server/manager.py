@@ -1,11 +1,13 @@
 """Model versions: which are on disk, loaded, serving; how the serving one changes without loss.
 
-The policy follows TensorFlow Serving's availability-preserving manager: a new version is fully
+The manager keeps the version records (server.versions) and applies the steps of the version policy
+(server.version_policy, TensorFlow Serving's availability-preserving policy): a new version is fully
 loaded, warmed and validated before it serves; the switch is one assignment on the event loop;
 the old version then drains (queued and running batches finish) and is released. A version that
 fails any step never serves, keeps its reason, and is retried only when its files change.
 
-The servicer only calls `resolve`; everything else runs under one lifecycle lock.
+The servicer only calls `resolve`; everything else runs under one lifecycle lock. Every change is
+announced to the `on_change` listeners with the records (the metrics and the health status).
 """
 
 from __future__ import annotations
@@ -14,8 +16,7 @@ import asyncio
 import gc
 import logging
 import time
-import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,16 +24,18 @@ from typing import Any, TypeVar
 
 from model_format.manifest import ManifestError, read_manifest, verify_files
 from model_format.repository import VERSION_RE, VersionStatus, scan_repository, valid_model_name
-from server.batcher import Batcher, BatcherConfig
+from server.batcher import BatcherConfig
 from server.metrics import Metrics
-from server.model import LoadedModel, ModelState
+from server.model import LoadedModel
 from server.resources import lower_thread_priority, release_free_memory
 from server.runtime import RuntimeOptions
+from server.version_policy import Action, ModelView, Step, next_step
+from server.versions import ModelRecords, ModelState, Signature, VersionRecord, folder_signature
 
 T = TypeVar("T")
 
 log = logging.getLogger(__name__)
-Signature = tuple[tuple[str, int, int], ...]
+Listener = Callable[[Mapping[str, ModelRecords]], None]  # called with the records after every change
 
 
 class ModelNotFound(LookupError):
@@ -57,46 +60,13 @@ class ManagerConfig:
     pinned: dict[str, int] = field(default_factory=dict)  # model -> version, from --pin
 
 
-@dataclass
-class VersionRecord:
-    model: str
-    version: int
-    path: Path
-    state: ModelState = ModelState.UNLOADED
-    reason: str = ""
-    signature: Signature = ()  # the files as they were when the version was last tried
-    loaded: LoadedModel | None = None
-    keep_loaded: bool = False  # loaded by an admin call: stays loaded when it stops serving
-    on_disk: bool = True
-
-    @property
-    def usable(self) -> bool:
-        return self.loaded is not None and self.state in (ModelState.READY, ModelState.SERVING)
-
-
-def folder_signature(path: Path) -> Signature:
-    """Names, sizes and modification times: cheap, and changes whenever a file is replaced."""
-    try:
-        return tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in path.iterdir() if p.is_file()))
-    except OSError:
-        return ()
-
-
-@dataclass
-class _ModelRecords:
-    versions: dict[int, VersionRecord] = field(default_factory=dict)
-    serving: VersionRecord | None = None
-    pinned: int = 0
-    history: list[int] = field(default_factory=list)  # serving versions, oldest first
-
-
 class ModelManager:
     def __init__(self, config: ManagerConfig, metrics: Metrics) -> None:
         self.config = config
         self.metrics = metrics
-        self._models: dict[str, _ModelRecords] = {}
+        self._models: dict[str, ModelRecords] = {}
         self._lock = asyncio.Lock()
-        self._listeners: list[Callable[[], None]] = []
+        self._listeners: list[Listener] = []
         self._poller: asyncio.Task[None] | None = None
         self._drains: set[asyncio.Task[None]] = set()
         # Checksums, session creation, warm-up, golden checks and heap trimming run on one thread of
@@ -104,7 +74,7 @@ class ModelManager:
         self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-loader",
                                               initializer=lower_thread_priority)
         for name, version in config.pinned.items():
-            self._models.setdefault(name, _ModelRecords()).pinned = version
+            self._models.setdefault(name, ModelRecords()).pinned = version
 
     # --- what the servicer sees (event loop only, never blocks) ---------------------------------
 
@@ -150,11 +120,17 @@ class ModelManager:
             raise ModelNotFound(f"version {version} of {name!r} is not loaded (loaded: {ready})")
         return record.loaded
 
-    def on_change(self, listener: Callable[[], None]) -> None:
+    def on_change(self, listener: Listener) -> None:
+        """Calls `listener` with the records (`snapshot()`) after every change of state."""
         self._listeners.append(listener)
 
-    def snapshot(self, model: str = "") -> dict[str, _ModelRecords]:
+    def snapshot(self, model: str = "") -> dict[str, ModelRecords]:
         return {n: m for n, m in sorted(self._models.items()) if not model or n == model}
+
+    def _changed(self) -> None:
+        models = self.snapshot()
+        for listener in self._listeners:
+            listener(models)
 
     # --- repository ---------------------------------------------------------------------------------
 
@@ -188,40 +164,49 @@ class ModelManager:
 
     def _sync_records(self, name: str, statuses: list[VersionStatus],
                       signatures: dict[tuple[str, int], Signature]) -> None:
-        records = self._models.setdefault(name, _ModelRecords())
+        """Records what the scan saw: which versions are on disk, their files, whether complete."""
+        records = self._models.setdefault(name, ModelRecords())
         seen = set()
         for s in statuses:
             seen.add(s.version)
-            sig = signatures[(name, s.version)]
             record = records.versions.get(s.version)
             if record is None:
                 record = records.versions[s.version] = VersionRecord(name, s.version, s.path)
-            record.on_disk = True
-            if record.state is ModelState.FAILED and record.signature != sig:
-                record.state, record.reason = ModelState.UNLOADED, ""  # its files changed: try again
-            if not s.complete and record.state is ModelState.UNLOADED:
-                self._fail(record, f"incomplete: {s.error}", sig)
+            record.on_disk, record.files, record.incomplete = True, signatures[(name, s.version)], s.error
         for version, record in records.versions.items():
             if version not in seen:
                 record.on_disk = False
 
-    def _aspired(self, name: str) -> int:
-        records = self._models[name]
-        if records.pinned:
-            return records.pinned
-        candidates = [v for v, r in records.versions.items() if r.on_disk and r.state is not ModelState.FAILED]
-        return max(candidates, default=0)
-
     async def _converge(self, name: str) -> None:
+        """Applies the version policy's steps until it has none left. Every step moves a version on
+        (to failed, loaded, serving or draining), so the bound only guards against a policy bug."""
         records = self._models[name]
-        target = self._aspired(name)
-        if not target or (records.serving is not None and records.serving.version == target):
-            return
-        record = records.versions.get(target)
-        if record is None or record.state is ModelState.FAILED:
-            return  # a pinned version that is missing or failed: keep serving what serves
-        if await self._ensure_loaded(record):
+        applied = False
+        for _ in range(4 * len(records.versions) + 4):
+            step = next_step(ModelView.of(records))
+            if step is None:
+                break
+            record = records.versions[step.version]
+            if step.action is Action.LOAD:
+                await self._ensure_loaded(record)  # ready, or failed with its reason: the old one serves on
+            else:
+                self._apply(name, step, record)
+                applied = True
+        else:
+            log.error("version policy did not settle", extra={"event": "policy_unsettled", "model": name})
+        if applied:
+            self._changed()
+
+    def _apply(self, name: str, step: Step, record: VersionRecord) -> None:
+        """The policy's steps that need no waiting."""
+        if step.action is Action.RETRY:
+            record.state, record.reason = ModelState.UNLOADED, ""  # its files changed: try again
+        elif step.action is Action.FAIL:
+            self._fail(record, step.reason, record.files)
+        elif step.action is Action.SERVE:
             self._switch(name, record)
+        elif step.action is Action.UNLOAD:
+            self._start_drain(record)
 
     # --- load, switch, drain -------------------------------------------------------------------------
 
@@ -230,17 +215,18 @@ class ModelManager:
         self.metrics.model_loads.labels(record.model, "failed").inc()
         log.error("version failed", extra={"event": "model_load_failed", "model": record.model,
                                             "version": record.version, "reason": reason})
-        self._publish()
+        self._changed()
 
     async def _ensure_loaded(self, record: VersionRecord) -> bool:
         """Verify checksums, create the session off the loop, warm up, check golden requests."""
         if record.usable:
             return True
         signature = await asyncio.to_thread(folder_signature, record.path)
+        record.files = signature
         log.info("loading version", extra={"event": "model_loading", "model": record.model,
                                             "version": record.version})
         record.state, record.reason = ModelState.LOADING, ""
-        self._publish()
+        self._changed()
         t0 = time.perf_counter()
         try:
             manifest = await asyncio.to_thread(read_manifest, record.path)
@@ -248,26 +234,27 @@ class ModelManager:
                 raise ManifestError(f"manifest names {manifest.model}/{manifest.version}")
             await self._in_background(verify_files, record.path, manifest)
             record.state = ModelState.WARMING
-            self._publish()
+            self._changed()
             loaded = await self._in_background(LoadedModel.load, record.path, manifest, self.config.runtime,
                                                self.config.batcher, self.metrics)
         except Exception as exc:
             self._fail(record, f"{type(exc).__name__}: {exc}", signature)
             return False
-        loaded.batcher.start()
+        loaded.start()
         record.loaded, record.state, record.signature = loaded, ModelState.READY, signature
         self.metrics.model_loads.labels(record.model, "ok").inc()
         self.metrics.init_version(record.model, record.version)
         log.info("version ready", extra={"event": "model_ready", "model": record.model, "version": record.version,
                                           "seconds": round(time.perf_counter() - t0, 3)})
-        self._publish()
+        self._changed()
         return True
 
     async def _in_background(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._background, fn, *args)
 
     def _switch(self, name: str, record: VersionRecord) -> None:
-        """The atomic part: one assignment, between two requests."""
+        """The atomic part: one assignment, between two requests. The version it replaces stays
+        loaded until the policy unloads it (at once, unless an admin call loaded it to stay)."""
         records = self._models[name]
         old = records.serving
         records.serving = record
@@ -279,59 +266,33 @@ class ModelManager:
         log.info("version serving", extra={"event": "model_serving", "model": name, "version": record.version,
                                             "previous": old.version if old else None})
         if old is not None and old is not record:
-            if old.keep_loaded:
-                old.state = ModelState.READY
-            else:
-                self._start_drain(old)
-        self._publish()
+            old.state = ModelState.READY
 
     def _start_drain(self, record: VersionRecord) -> None:
-        task = asyncio.get_running_loop().create_task(self._drain(record))
-        self._drains.add(task)
-        task.add_done_callback(self._drains.discard)
-
-    async def _drain(self, record: VersionRecord) -> None:
-        """Nothing new reaches the version; what it already queued or runs finishes; then release."""
         loaded = record.loaded
         if loaded is None:
             return
+        record.state = ModelState.DRAINING  # at once: nothing new reaches it from here on
+        task = asyncio.get_running_loop().create_task(self._drain(record, loaded))
+        self._drains.add(task)
+        task.add_done_callback(self._drains.discard)
+
+    async def _drain(self, record: VersionRecord, loaded: LoadedModel) -> None:
+        """Nothing new reaches the version; what it already queued or runs finishes; then release."""
         record.state = ModelState.DRAINING
-        self._publish()
-        await loaded.batcher.close()
+        self._changed()
+        await loaded.close()
         if record.state is ModelState.DRAINING:  # not re-loaded meanwhile
             record.loaded, record.state = None, ModelState.UNLOADED
         del loaded
-        self._publish()
+        self._changed()
         # The session sits in reference cycles (executor threads, futures, closures): without a
-        # collection its ~370 MiB would wait for the next automatic cycle collection, after
-        # several more swaps (measured: RSS grew by one version per swap).
+        # collection its memory would wait for the next automatic cycle collection, after several
+        # more swaps (RSS grew by one version per swap; see BENCHMARKS.md, 'Soak').
         freed = gc.collect()
         await self._in_background(release_free_memory)
         log.info("version unloaded", extra={"event": "model_unloaded", "model": record.model,
                                              "version": record.version, "gc_objects": freed})
-
-    def _publish(self) -> None:
-        m = self.metrics
-        m.model_info.clear()
-        m.queue_depth.clear()  # an unloaded version's series goes, and with it any hold on its engine
-        m.offered_load.clear()
-        m.standing_queue.clear()
-        m.engine_lanes.clear()
-        for name, records in self._models.items():
-            for version, r in records.versions.items():
-                if r.loaded is not None or r.state is ModelState.FAILED:
-                    precision = r.loaded.runtime.precision if r.loaded else ""
-                    provider = r.loaded.runtime.provider if r.loaded else ""
-                    heads = str(len(r.loaded.srcids)) if r.loaded else "0"
-                    m.model_info.labels(name, str(version), heads, precision, provider, r.state.value).set(1)
-                if r.loaded is not None:
-                    labels = (name, str(version))
-                    m.queue_depth.labels(*labels).set_function(_read(r.loaded, lambda b: b.queue_depth))
-                    m.offered_load.labels(*labels).set_function(_read(r.loaded, Batcher.current_offered_load))
-                    m.standing_queue.labels(*labels).set_function(_read(r.loaded, lambda b: b.overloaded))
-                    m.engine_lanes.labels(name, str(version)).set(r.loaded.batcher.lanes)
-        for listener in self._listeners:
-            listener()
 
     # --- admin operations ------------------------------------------------------------------------------
 
@@ -340,7 +301,7 @@ class ModelManager:
             raise ValueError(f"invalid model name {model!r}")
         if not VERSION_RE.match(str(version)):
             raise ValueError(f"invalid version {version}: a positive integer")
-        record = self._models.get(model, _ModelRecords()).versions.get(version)
+        record = self._models.get(model, ModelRecords()).versions.get(version)
         if record is None or (not record.on_disk and record.loaded is None):
             raise ModelNotFound(f"{model}/{version} is not in the repository")
         return record
@@ -361,7 +322,7 @@ class ModelManager:
                 raise LifecycleError(f"{model}/{version} is serving; set another serving version first")
             record.keep_loaded = False
             if record.loaded is not None and record.state is not ModelState.DRAINING:
-                await self._drain(record)
+                await self._drain(record, record.loaded)
 
     async def set_serving(self, model: str, version: int) -> None:
         """Pins `version` (0 = unpin, follow the newest complete version) and converges now."""
@@ -394,19 +355,9 @@ class ModelManager:
         async with self._lock:
             for records in self._models.values():
                 records.serving = None
-            loaded = [r for records in self._models.values() for r in records.versions.values() if r.loaded]
-            await asyncio.gather(*(self._drain(r) for r in loaded if r.state is not ModelState.DRAINING))
+            await asyncio.gather(*(self._drain(r, r.loaded) for records in self._models.values()
+                                   for r in records.versions.values()
+                                   if r.loaded is not None and r.state is not ModelState.DRAINING))
             if self._drains:
                 await asyncio.gather(*self._drains)
         self._background.shutdown(wait=False)
-
-
-def _read(model: LoadedModel, value: Callable[[Batcher], float]) -> Callable[[], float]:
-    # A weak reference: a metrics callback must never keep an unloaded version's engine alive.
-    ref = weakref.ref(model.batcher)
-
-    def read() -> float:
-        batcher = ref()
-        return float(value(batcher)) if batcher is not None else 0.0
-
-    return read

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import enum
 import threading
-from collections.abc import Iterator, Sequence
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -22,6 +24,10 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from server.batcher import BatchStats
+from server.versions import ModelRecords, ModelState
+
+if TYPE_CHECKING:
+    from server.model import LoadedModel
 
 UNKNOWN = "unknown"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24)
@@ -180,3 +186,35 @@ class Metrics:
         self.pv.labels(model, v)
         for reason in LostReason:
             self.lost.labels(model, v, reason.value)
+
+    def publish_versions(self, models: Mapping[str, ModelRecords]) -> None:
+        """The manager's change listener: rebuilds the per-version gauges from its records."""
+        self.model_info.clear()
+        self.queue_depth.clear()  # an unloaded version's series goes, and with it any hold on its engine
+        self.offered_load.clear()
+        self.standing_queue.clear()
+        self.engine_lanes.clear()
+        for name, records in models.items():
+            for version, r in records.versions.items():
+                if r.loaded is not None or r.state is ModelState.FAILED:
+                    info = r.loaded.info() if r.loaded else None
+                    self.model_info.labels(name, str(version), str(len(info.heads)) if info else "0",
+                                           info.precision if info else "", info.provider if info else "",
+                                           r.state.value).set(1)
+                if r.loaded is not None:
+                    labels = (name, str(version))
+                    self.queue_depth.labels(*labels).set_function(_read(r.loaded, lambda m: m.queue_depth))
+                    self.offered_load.labels(*labels).set_function(_read(r.loaded, lambda m: m.offered_load()))
+                    self.standing_queue.labels(*labels).set_function(_read(r.loaded, lambda m: m.overloaded))
+                    self.engine_lanes.labels(*labels).set(r.loaded.info().lanes)
+
+
+def _read(model: LoadedModel, value: Callable[[LoadedModel], float]) -> Callable[[], float]:
+    # A weak reference: a metrics callback must never keep an unloaded version's engine alive.
+    ref = weakref.ref(model)
+
+    def read() -> float:
+        loaded = ref()
+        return float(value(loaded)) if loaded is not None else 0.0
+
+    return read

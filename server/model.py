@@ -1,33 +1,29 @@
-"""A loaded model version: features, engine and batcher behind one handle."""
+"""A loaded model version: features, engine and batcher behind one handle.
+
+Callers (servicer, cache, manager, metrics, admin) use the handle's methods: `start`, `submit` and
+`close` for its batcher, `info` for what it is, and the live readings of its queue. The engine and
+the batcher stay inside.
+"""
 
 from __future__ import annotations
 
-import enum
+import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from model_format.features import FeatureEncoder
+from model_format.features import EncodedRequest, FeatureEncoder
 from model_format.golden import check_golden
-from model_format.manifest import Manifest
+from model_format.manifest import Head, Manifest
 from server.batcher import Batcher, BatcherConfig
 from server.metrics import Metrics
 from server.runtime import CUDA, ModelRuntime, RuntimeOptions
 
 log = logging.getLogger(__name__)
-
-
-class ModelState(enum.Enum):
-    LOADING = "loading"
-    WARMING = "warming"
-    READY = "ready"  # loaded and warm, not the serving version (reachable by explicit version)
-    SERVING = "serving"
-    DRAINING = "draining"
-    FAILED = "failed"
-    UNLOADED = "unloaded"
 
 
 def warm_up_shapes(manifest: Manifest, config: BatcherConfig) -> list[tuple[int, int]]:
@@ -41,19 +37,40 @@ def warm_up_shapes(manifest: Manifest, config: BatcherConfig) -> list[tuple[int,
     return list(dict.fromkeys([(1, 8), (1, manifest.max_seq_len), (widest, 16)]))
 
 
-@dataclass
-class LoadedModel:
+@dataclass(frozen=True)
+class VersionInfo:
+    """What a loaded version is: fixed once it has loaded."""
+
     name: str
     version: int
-    path: Path
-    manifest: Manifest
-    features: FeatureEncoder
-    runtime: ModelRuntime
-    batcher: Batcher
-    srcid_index: dict[int, int]
-    srcids: tuple[int, ...]
-    thresholds: np.ndarray
-    loaded_at: float = 0.0
+    heads: tuple[Head, ...]
+    precision: str
+    provider: str  # the ONNX Runtime execution provider
+    lanes: int  # batches its engine runs at once
+    max_seq_len: int
+    bottom_fingerprint: str
+    loaded_at: float  # Unix time
+
+
+class LoadedModel:
+    """The handle to one loaded version. Its batcher runs once `start` is called and stops admitting
+    at `close`, which returns when every queued and running item has been answered."""
+
+    def __init__(self, path: Path, manifest: Manifest, features: FeatureEncoder, runtime: ModelRuntime,
+                 batcher: Batcher, loaded_at: float = 0.0) -> None:
+        self.name = manifest.model
+        self.version = manifest.version
+        self.path = path
+        self.manifest = manifest
+        self.features = features
+        self.srcids = manifest.srcids
+        self.srcid_index = {s: i for i, s in enumerate(manifest.srcids)}
+        self._runtime = runtime
+        self._batcher = batcher
+        self._info = VersionInfo(name=self.name, version=self.version, heads=manifest.heads,
+                                 precision=runtime.precision, provider=runtime.provider, lanes=batcher.lanes,
+                                 max_seq_len=manifest.max_seq_len, bottom_fingerprint=manifest.bottom_fingerprint,
+                                 loaded_at=loaded_at)
 
     @staticmethod
     def load(path: Path, manifest: Manifest, options: RuntimeOptions, config: BatcherConfig,
@@ -75,16 +92,38 @@ class LoadedModel:
         version_metrics = metrics.for_version(manifest.model, manifest.version, manifest.srcids, thresholds)
         batcher = Batcher(runtime.run_timed, config, name=f"{manifest.model}-v{manifest.version}",
                           on_batch=version_metrics.observe_batch, lanes=runtime.lanes)
-        return LoadedModel(
-            name=manifest.model,
-            version=manifest.version,
-            path=path,
-            manifest=manifest,
-            features=features,
-            runtime=runtime,
-            batcher=batcher,
-            srcid_index={s: i for i, s in enumerate(manifest.srcids)},
-            srcids=manifest.srcids,
-            thresholds=thresholds,
-            loaded_at=time.time(),
-        )
+        return LoadedModel(path, manifest, features, runtime, batcher, loaded_at=time.time())
+
+    # --- lifecycle and requests (event loop) ------------------------------------------------------
+
+    def start(self) -> None:
+        """Starts the batcher's dispatcher on the running event loop."""
+        self._batcher.start()
+
+    def submit(self, items: Sequence[EncodedRequest], deadline: float | None = None
+               ) -> list[asyncio.Future[np.ndarray]]:
+        """Queues all items or none (raises server.admission.QueueFull or server.batcher.BatcherClosed);
+        each future resolves to that item's score row, in the order of `srcids`."""
+        return self._batcher.submit(items, deadline)
+
+    async def close(self) -> None:
+        """Takes no new items; returns once every queued and running item has been answered."""
+        await self._batcher.close()
+
+    def info(self) -> VersionInfo:
+        return self._info
+
+    # --- live readings (the metrics endpoint reads these from its own thread) ----------------------
+
+    @property
+    def queue_depth(self) -> int:
+        return self._batcher.queue_depth
+
+    @property
+    def overloaded(self) -> bool:
+        """A standing queue holds admission at `queue_target_ms`."""
+        return self._batcher.overloaded
+
+    def offered_load(self) -> float:
+        """Engine work offered over the last interval, as a share of what the lanes run at full batches."""
+        return self._batcher.current_offered_load()

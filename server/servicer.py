@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -19,7 +20,8 @@ from google.protobuf.message import DecodeError, Message
 
 from model_format.features import EncodedRequest
 from scoring.v1 import scoring_pb2
-from server.batcher import BatcherClosed, DeadlineExpired, EngineFailed, QueueFull
+from server.admission import QueueFull
+from server.batcher import BatcherClosed, DeadlineExpired, EngineFailed
 from server.cache import CachingScheduler
 from server.logs import SampledLog
 from server.manager import ModelManager, ModelNotFound, ModelUnavailable
@@ -30,6 +32,7 @@ from server.validation import InvalidRequest, RequestLimits, check_version_field
 log = logging.getLogger(__name__)
 SERVICE = "scoring.v1.Scorer"
 M = TypeVar("M", bound=Message)
+R = TypeVar("R")
 
 
 @dataclass
@@ -163,66 +166,20 @@ class ScorerServicer:
     # --- RPCs -------------------------------------------------------------------------------------
 
     async def Score(self, raw: bytes, context: grpc.aio.ServicerContext) -> scoring_pb2.ScoreResponse:
-        t0 = time.perf_counter()
         ledger = _Ledger(self.metrics, [(UNKNOWN, UNKNOWN)])
-        try:
-            req = self._decode(raw, scoring_pb2.ScoreRequest)
-            ledger.request_id = req.request_id
-            ledger.labels = [self._labels(req.model)]
-            model = self._resolve(req.model, req.version)
-            ledger.labels = [(model.name, str(model.version))]
-            ledger.arrive()
-            try:
-                item = validate_and_encode(req, model, self.limits)
-            except InvalidRequest as exc:
-                raise _reject(LostReason.INVALID, str(exc)) from exc
-            (row,) = await self._results(self._submit(model, [item], context))
-            response = build_response(model, row, list(req.srcids))
-        except _Rejection as rej:
-            await self._finish(ledger, context, rej)
-            raise AssertionError("unreachable: abort raises") from None
-        except asyncio.CancelledError:
-            ledger.lose(self._cancel_reason(context))
-            raise
-        except Exception:  # a bug, not the caller's fault: answer INTERNAL, count it, keep serving
-            log.exception("unexpected error", extra={"event": "internal_error", "request_id": ledger.request_id})
-            await self._finish(ledger, context, _reject(LostReason.INTERNAL, "internal error"))
-            raise AssertionError("unreachable: abort raises") from None
-        self.metrics.request_latency.labels(model.name, "Score").observe(time.perf_counter() - t0)
-        return response
+        return await self._answer("Score", ledger, context, self._score(raw, ledger, context))
 
     async def ScoreBatch(self, raw: bytes, context: grpc.aio.ServicerContext) -> scoring_pb2.ScoreBatchResponse:
-        t0 = time.perf_counter()
         ledger = _Ledger(self.metrics, [(UNKNOWN, UNKNOWN)])
+        return await self._answer("ScoreBatch", ledger, context, self._score_batch(raw, ledger, context))
+
+    async def _answer(self, method: str, ledger: _Ledger, context: grpc.aio.ServicerContext,
+                      call: Awaitable[tuple[R, str]]) -> R:
+        """Runs a scoring call (which returns its response and model name); every way it ends is
+        counted here and answered with its status code."""
+        t0 = time.perf_counter()
         try:
-            batch = self._decode(raw, scoring_pb2.ScoreBatchRequest)
-            items = list(batch.items)
-            ledger.labels = [self._labels(it.model) for it in items]
-            ledger.request_id = items[0].request_id if items else ""
-            if not items:
-                raise _reject(LostReason.INVALID, "items is empty")
-            if len(items) > self.limits.max_batch_items:
-                raise _reject(LostReason.INVALID,
-                              f"items has {len(items)} entries; the limit is {self.limits.max_batch_items}")
-            models = []
-            for i, it in enumerate(items):
-                try:
-                    models.append(self._resolve(it.model, it.version))
-                except _Rejection as rej:
-                    raise _Rejection(rej.code, rej.reason, f"items[{i}]: {rej.message}") from None
-            ledger.labels = [(m.name, str(m.version)) for m in models]
-            ledger.arrive()
-            encoded = []
-            for i, (it, m) in enumerate(zip(items, models, strict=True)):
-                try:
-                    encoded.append(validate_and_encode(it, m, self.limits))
-                except InvalidRequest as exc:
-                    raise _reject(LostReason.INVALID, f"items[{i}]: {exc}") from exc
-            rows = await self._score_groups(models, encoded, context)
-            response = scoring_pb2.ScoreBatchResponse(
-                results=[build_response(m, row, list(it.srcids)) for it, m, row in zip(items, models, rows,
-                                                                                        strict=True)]
-            )
+            response, model = await call
         except _Rejection as rej:
             await self._finish(ledger, context, rej)
             raise AssertionError("unreachable: abort raises") from None
@@ -233,8 +190,52 @@ class ScorerServicer:
             log.exception("unexpected error", extra={"event": "internal_error", "request_id": ledger.request_id})
             await self._finish(ledger, context, _reject(LostReason.INTERNAL, "internal error"))
             raise AssertionError("unreachable: abort raises") from None
-        self.metrics.request_latency.labels(models[0].name, "ScoreBatch").observe(time.perf_counter() - t0)
+        self.metrics.request_latency.labels(model, method).observe(time.perf_counter() - t0)
         return response
+
+    async def _score(self, raw: bytes, ledger: _Ledger,
+                     context: grpc.aio.ServicerContext) -> tuple[scoring_pb2.ScoreResponse, str]:
+        req = self._decode(raw, scoring_pb2.ScoreRequest)
+        ledger.request_id = req.request_id
+        ledger.labels = [self._labels(req.model)]
+        model = self._resolve(req.model, req.version)
+        ledger.labels = [(model.name, str(model.version))]
+        ledger.arrive()
+        try:
+            item = validate_and_encode(req, model, self.limits)
+        except InvalidRequest as exc:
+            raise _reject(LostReason.INVALID, str(exc)) from exc
+        (row,) = await self._results(self._submit(model, [item], context))
+        return build_response(model, row, list(req.srcids)), model.name
+
+    async def _score_batch(self, raw: bytes, ledger: _Ledger,
+                           context: grpc.aio.ServicerContext) -> tuple[scoring_pb2.ScoreBatchResponse, str]:
+        batch = self._decode(raw, scoring_pb2.ScoreBatchRequest)
+        items = list(batch.items)
+        ledger.labels = [self._labels(it.model) for it in items]
+        ledger.request_id = items[0].request_id if items else ""
+        if not items:
+            raise _reject(LostReason.INVALID, "items is empty")
+        if len(items) > self.limits.max_batch_items:
+            raise _reject(LostReason.INVALID,
+                          f"items has {len(items)} entries; the limit is {self.limits.max_batch_items}")
+        models = []
+        for i, it in enumerate(items):
+            try:
+                models.append(self._resolve(it.model, it.version))
+            except _Rejection as rej:
+                raise _Rejection(rej.code, rej.reason, f"items[{i}]: {rej.message}") from None
+        ledger.labels = [(m.name, str(m.version)) for m in models]
+        ledger.arrive()
+        encoded = []
+        for i, (it, m) in enumerate(zip(items, models, strict=True)):
+            try:
+                encoded.append(validate_and_encode(it, m, self.limits))
+            except InvalidRequest as exc:
+                raise _reject(LostReason.INVALID, f"items[{i}]: {exc}") from exc
+        rows = await self._score_groups(models, encoded, context)
+        results = [build_response(m, row, list(it.srcids)) for it, m, row in zip(items, models, rows, strict=True)]
+        return scoring_pb2.ScoreBatchResponse(results=results), models[0].name
 
     async def _score_groups(self, models: list[LoadedModel], items: list[EncodedRequest],
                             context: grpc.aio.ServicerContext) -> list[np.ndarray]:
@@ -262,15 +263,15 @@ class ScorerServicer:
         except _Rejection as rej:
             await context.abort(rej.code, rej.message)
             raise AssertionError("unreachable: abort raises") from None
+        info = m.info()
         return scoring_pb2.ModelInfo(
-            model=m.name,
-            version=m.version,
-            heads=[scoring_pb2.HeadInfo(srcid=h.srcid, name=h.name, threshold=h.threshold)
-                   for h in m.manifest.heads],
-            precision=m.runtime.precision,
-            execution_provider=m.runtime.provider,
-            max_seq_len=m.manifest.max_seq_len,
-            bottom_fingerprint=m.manifest.bottom_fingerprint,
+            model=info.name,
+            version=info.version,
+            heads=[scoring_pb2.HeadInfo(srcid=h.srcid, name=h.name, threshold=h.threshold) for h in info.heads],
+            precision=info.precision,
+            execution_provider=info.provider,
+            max_seq_len=info.max_seq_len,
+            bottom_fingerprint=info.bottom_fingerprint,
         )
 
     def handler(self) -> grpc.GenericRpcHandler:

@@ -1,11 +1,16 @@
-"""The batcher's split of a length-sorted queue is the cheapest one under its cost model."""
+"""The batch plan on given lengths: the split of a length-sorted queue is the cheapest one under the
+cost model, the oldest item always runs next, and under a standing queue no batch is planned to run
+longer than the target."""
 
 from __future__ import annotations
 
 import itertools
 import random
+from dataclasses import replace
+from typing import Any
 
-from server.batcher import BatchCost
+from server.batch_config import BatcherConfig
+from server.batch_plan import PLAN_WINDOW, BatchCost, BatchPlanner, EngineSpeed
 
 
 def _brute_force(cost: BatchCost, lengths: list[int], max_size: int, max_tokens: int) -> int:
@@ -42,3 +47,54 @@ def test_short_queries_are_not_padded_to_long_titles() -> None:
     groups = BatchCost(24).plan([8, 9, 10, 11, 96, 100, 110, 120], 16, 8192)
     assert groups[0] == (0, 4)  # the queries share one run; the long items are split as cost says
     assert BatchCost(10_000).plan([8, 9, 10, 11, 96, 100, 110, 120], 16, 8192) == [(0, 8)]  # GPU-like: fill
+
+
+def _planner(seconds_per_unit: float | None = None, **config: Any) -> BatchPlanner:
+    cfg = replace(BatcherConfig(max_batch_size=16, batch_overhead_tokens=24), **config)
+    return BatchPlanner(cfg, EngineSpeed(seconds_per_unit))
+
+
+def test_the_next_batch_holds_the_oldest_item_with_its_neighbours_in_length() -> None:
+    planner = _planner()
+    # Arrival order: the oldest is a 10-token query; the queries run together, the titles wait.
+    assert planner.next_batch([10, 100, 11, 9, 110, 8], overloaded=False) == [0, 2, 3, 5]
+    # The oldest is a long item: it runs with the other long one, not with the short ones.
+    assert planner.next_batch([100, 8, 9, 110], overloaded=False) == [0, 3]
+    assert planner.next_batch([], overloaded=False) == []
+
+
+def test_the_oldest_item_runs_next_even_far_beyond_the_plan_window() -> None:
+    planner = _planner()
+    lengths = [64] + [8] * (PLAN_WINDOW * 2) + [128] * 10
+    chosen = planner.next_batch(lengths, overloaded=False)
+    assert chosen[0] == 0 and len(chosen) <= 16
+    assert all(lengths[i] >= 64 for i in chosen)
+
+
+def test_the_token_budget_narrows_only_under_a_standing_queue_once_the_engine_is_timed() -> None:
+    # 70 ms at 2 ms per unit is 35 units: the 24-unit overhead leaves 11 tokens.
+    planner = _planner(0.002, queue_target_ms=70, max_batch_tokens=8192)
+    assert planner.token_budget(overloaded=False) == 8192
+    assert planner.token_budget(overloaded=True) == 11
+    assert _planner(None, queue_target_ms=70).token_budget(overloaded=True) == 8192  # not timed yet
+    assert _planner(0.002, queue_target_ms=70, max_batch_tokens=8).token_budget(overloaded=True) == 8
+    assert _planner(1.0, queue_target_ms=70).token_budget(overloaded=True) == 1  # never below one token
+    # Items of 3 tokens: 3 fit the narrowed budget, all 8 (max_batch_size 8) fit the wide one.
+    narrow = _planner(0.002, queue_target_ms=70, max_batch_size=8)
+    assert narrow.next_batch([3] * 8, overloaded=True) == [0, 1, 2]
+    assert narrow.next_batch([3] * 8, overloaded=False) == list(range(8))
+
+
+def test_batches_for_counts_the_runs_the_planner_will_make() -> None:
+    planner = _planner(0.002, queue_target_ms=70, max_batch_size=8)
+    assert planner.batches_for(12, 36, overloaded=False) == 2  # by item count: 8 + 4
+    assert planner.batches_for(12, 36, overloaded=True) == 4  # by the 11-token budget
+
+
+def test_engine_speed_is_smoothed_over_batches() -> None:
+    speed = EngineSpeed()
+    assert speed.seconds_per_unit is None
+    speed.observe(0.01)
+    assert speed.seconds_per_unit == 0.01
+    speed.observe(0.06)  # one slow batch moves the estimate a fifth of the way
+    assert speed.seconds_per_unit is not None and abs(speed.seconds_per_unit - 0.02) < 1e-12

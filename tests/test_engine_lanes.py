@@ -16,7 +16,8 @@ import numpy as np
 
 from model_format.features import EncodedRequest, FeatureEncoder, pad_batch
 from model_format.manifest import read_manifest
-from server.batcher import Batcher, BatcherConfig, QueueFull
+from server.admission import QueueFull
+from server.batcher import Batcher, BatcherConfig
 from server.resources import cpu_limit, lower_thread_priority, thread_is_background
 from server.runtime import _CPU_CORES, CoreBudget, ModelRuntime, RuntimeOptions
 from tests.helpers import build_small_model

@@ -1,8 +1,9 @@
 """Admission under a standing queue: a burst may queue up to the hard bound, sustained overload is held
 at the target, and the service admits freely again once the overload is over.
 
-The batcher runs on a stand-in engine whose every batch takes exactly `RUN_S`, so the schedule (and
-what a queue of n items costs) is known; the batcher itself is the real one.
+The scenarios run the real batcher on a stand-in engine whose every batch takes exactly `RUN_S`, so
+the schedule (and what a queue of n items costs) is known. The detector alone (`StandingQueue`) is
+driven with numbers at the end.
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ import numpy as np
 import pytest
 
 from model_format.features import EncodedRequest
-from server.batcher import ENTRY_WINDOWS, Batcher, BatcherConfig, QueueFull
+from server.admission import QueueFull
+from server.batch_plan import EngineSpeed
+from server.batcher import Batcher, BatcherConfig
+from server.standing_queue import ENTRY_WINDOWS, ArrivalWindow, StandingQueue
 
 RUN_S = 0.05  # one item per batch: 20 items/s
 ITEM = EncodedRequest(input_ids=(1, 5, 2), token_type_ids=(0, 0, 0), site_id=0, ner_ids=(), industry_id=0)
@@ -89,7 +93,7 @@ def test_under_a_standing_queue_no_batch_is_planned_to_run_longer_than_the_targe
 
     def timed_engine(inputs: dict[str, np.ndarray]) -> tuple[np.ndarray, float]:
         b, seq = inputs["input_ids"].shape
-        runs.append((b, batchers[0]._overloaded))
+        runs.append((b, batchers[0].overloaded))
         elapsed = (24 + b * seq) * per_unit_s
         time.sleep(elapsed)
         return np.zeros((b, 2), np.float32), elapsed
@@ -127,7 +131,7 @@ def test_with_time_bounds_off_no_standing_queue_is_declared() -> None:
     runs: list[tuple[int, bool]] = []  # batch size, standing queue declared
 
     def watched_engine(inputs: dict[str, np.ndarray]) -> tuple[np.ndarray, float]:
-        runs.append((inputs["input_ids"].shape[0], batchers[0]._overloaded))
+        runs.append((inputs["input_ids"].shape[0], batchers[0].overloaded))
         return engine(inputs)
 
     async def scenario() -> list[tuple[float, float | None, str]]:
@@ -144,30 +148,6 @@ def test_with_time_bounds_off_no_standing_queue_is_declared() -> None:
     assert max(size for size, _ in runs) == 4, runs
 
 
-def test_the_work_estimate_counts_the_narrower_batches_of_a_standing_queue() -> None:
-    """Admission under a standing queue weighs what the queue will cost as the batcher will run it:
-    batches cut to the target's run time, each with its fixed cost."""
-    config = BatcherConfig(max_batch_size=8, max_queue_delay_ms=0, max_queue_wait_ms=10_000,
-                           queue_target_ms=70, batch_overhead_tokens=24)
-
-    async def scenario() -> tuple[float, float, float]:
-        batcher = Batcher(engine, config, lanes=1)
-        batcher.start()
-        await batcher.submit([ITEM])[0]  # one timed run: 27 units in RUN_S
-        per_unit = RUN_S / 27
-        now = asyncio.get_running_loop().time()
-        wide = batcher._work_seconds(12, 36, now)  # 12 items of 3 tokens: batches of 8 and 4
-        batcher._overloaded = True  # a standing queue: 70 ms is 37 units, 13 tokens, 4 items a batch
-        narrow = batcher._work_seconds(12, 36, now)
-        await batcher.close()
-        assert wide is not None and narrow is not None
-        return wide, narrow, per_unit
-
-    wide, narrow, per_unit = asyncio.run(scenario())
-    assert wide == pytest.approx((36 + 2 * 24) * per_unit)
-    assert narrow == pytest.approx((36 + 3 * 24) * per_unit)
-
-
 def test_after_a_slow_spell_the_rule_lets_go_once_full_batches_keep_up() -> None:
     """A noisy neighbour slows the engine 2.5x for 0.7 s under 80% load: a real, short overload, and
     refusals are right then. Once the engine is back, full batches serve the load again, but the
@@ -182,7 +162,7 @@ def test_after_a_slow_spell_the_rule_lets_go_once_full_batches_keep_up() -> None
     def noisy_engine(inputs: dict[str, np.ndarray]) -> tuple[np.ndarray, float]:
         b, seq = inputs["input_ids"].shape
         t = time.monotonic() - started[0]
-        runs.append((t, batchers[0]._overloaded))
+        runs.append((t, batchers[0].overloaded))
         elapsed = (24 + b * seq) * per_unit_s * (2.5 if spell[0] < t < spell[1] else 1.0)
         time.sleep(elapsed)
         return np.zeros((b, 2), np.float32), elapsed
@@ -231,31 +211,95 @@ def test_a_zero_interval_switches_the_standing_queue_rule_off() -> None:
     assert all("max_queue_wait_ms" in why for why in refused), refused[:1]
 
 
+# --- the detector alone, driven with numbers -------------------------------------------------------
+
+DETECTOR = BatcherConfig(max_batch_size=8, batch_overhead_tokens=24, queue_interval_ms=1000, standing_wait_ms=100)
+
+
+def _detector(config: BatcherConfig = DETECTOR, seconds_per_unit: float | None = 0.01) -> StandingQueue:
+    """100 units a second on one lane once timed."""
+    return StandingQueue(config, EngineSpeed(seconds_per_unit), lanes=1)
+
+
+def _arrive(standing: StandingQueue, units_per_second: list[float], first: int = 0) -> None:
+    for second, units in enumerate(units_per_second, start=first):
+        standing.arrive(float(second), units)
+
+
 def test_one_busy_interval_does_not_make_an_overload_but_three_do() -> None:
     """Near capacity one interval of Poisson arrivals often reads over 1: with long waits standing,
     entry still needs the average of the last ENTRY_WINDOWS whole intervals over 1, while the
     metric (and the exit) read the last one."""
-    config = replace(CONFIG, queue_interval_ms=1000, standing_wait_ms=100)
+    standing = _detector()
+    _arrive(standing, [80.0, 80.0, 130.0])  # one busy interval after two calm ones
+    standing.batch_left(0.3, 1.5, caught_up=False)  # batches have waited 300 ms since 1.5 s
+    standing.batch_left(0.3, 3.0, caught_up=False)  # ... for an interval: standing, the busy interval just closed
+    assert standing.offered_load(3.0) == pytest.approx(1.3)
+    assert standing.offered_load(3.0, ENTRY_WINDOWS) == pytest.approx(290 / 300)
+    assert not standing.overloaded, "one busy interval declared an overload"
+    _arrive(standing, [130.0, 130.0, 130.0], first=3)
+    standing.batch_left(0.3, 6.0, caught_up=False)  # three busy intervals
+    assert standing.overloaded, "three busy intervals with a standing queue declared none"
 
-    async def scenario() -> tuple[float, float, bool, bool]:
-        batcher = Batcher(engine, config, lanes=1)
-        batcher._seconds_per_token = 0.01  # 100 units per second on one lane
-        batcher._running = 1  # a batch on the engine: a long wait is evidence, not a caught-up engine
-        for second, units in enumerate([80.0, 80.0, 130.0]):  # one busy interval after two calm ones
-            batcher._arrivals.add(float(second), 1.0, units)
-        batcher._note_wait(0.3, 1.5)  # batches have waited 300 ms since 1.5 s
-        batcher._note_wait(0.3, 3.0)  # ... for an interval: standing, with the busy interval just closed
-        last, averaged, after_one = batcher.offered_load(3.0), batcher.offered_load(3.0, ENTRY_WINDOWS), \
-            batcher.overloaded
-        for second in (3, 4, 5):
-            batcher._arrivals.add(float(second), 1.0, 130.0)
-        batcher._note_wait(0.3, 6.0)  # three busy intervals
-        after_three = batcher.overloaded
-        batcher._running = 0
-        await batcher.close()
-        return last, averaged, after_one, after_three
 
-    last, averaged, after_one, after_three = asyncio.run(scenario())
-    assert last == pytest.approx(1.3) and averaged == pytest.approx(290 / 300)
-    assert not after_one, "one busy interval declared an overload"
-    assert after_three, "three busy intervals with a standing queue declared none"
+def test_short_waits_or_a_caught_up_engine_void_the_evidence() -> None:
+    for wait, caught_up in [(0.05, False), (0.3, True)]:
+        standing = _detector()
+        _arrive(standing, [200.0, 200.0, 200.0])
+        standing.batch_left(0.3, 1.5, caught_up=False)
+        standing.batch_left(wait, 2.0, caught_up=caught_up)  # resets: the interval starts again
+        standing.batch_left(0.3, 2.6, caught_up=False)
+        standing.batch_left(0.3, 3.0, caught_up=False)
+        assert not standing.overloaded, (wait, caught_up)
+        standing.batch_left(0.3, 3.6, caught_up=False)  # an interval since 2.6
+        assert standing.overloaded, (wait, caught_up)
+
+
+def test_no_overload_without_a_timed_engine_time_bounds_or_an_interval() -> None:
+    for config, timed in [(DETECTOR, False), (replace(DETECTOR, max_queue_wait_ms=0), True),
+                          (replace(DETECTOR, queue_interval_ms=0), True)]:
+        standing = _detector(config, 0.01 if timed else None)
+        _arrive(standing, [500.0] * 4)
+        for now in (1.0, 2.0, 3.0, 4.0):
+            standing.batch_left(1.0, now, caught_up=False)
+        assert not standing.overloaded, config
+        assert standing.offered_load(4.0) == (5.0 if timed and config.queue_interval_ms else 0.0)
+
+
+def test_the_overload_ends_after_a_quiet_interval_or_once_arrivals_fit() -> None:
+    # Quiet: refusals stop. The offered load stays high, so only the quiet interval can end it.
+    standing = _detector()
+    _arrive(standing, [200.0] * 4)
+    standing.batch_left(0.3, 2.0, caught_up=False)
+    standing.batch_left(0.3, 3.0, caught_up=False)
+    assert standing.overloaded
+    standing.arrive(3.5, 200.0)
+    standing.refused(3.5)
+    standing.end_if_quiet(4.4)
+    assert standing.overloaded
+    standing.end_if_quiet(4.6)  # nothing refused since 3.5
+    assert not standing.overloaded
+    # Arrivals fit: refusals go on, but the last whole interval offered less than the lanes run.
+    standing = _detector()
+    _arrive(standing, [200.0] * 4)
+    standing.batch_left(0.3, 2.0, caught_up=False)
+    standing.batch_left(0.3, 3.0, caught_up=False)
+    standing.arrive(4.0, 50.0)  # the interval from 3 s: 200 units, still over
+    standing.refused(4.0)
+    standing.end_if_quiet(4.05)
+    assert standing.overloaded
+    standing.arrive(5.0, 10.0)  # the interval from 4 s: 50 units, half of what the lane runs
+    standing.refused(5.0)
+    standing.end_if_quiet(5.05)
+    assert not standing.overloaded
+
+
+def test_the_arrival_window_counts_quiet_intervals_as_empty() -> None:
+    window = ArrivalWindow()
+    window.add(0.0, 1.0, 10.0)
+    window.add(0.5, 1.0, 5.0)
+    assert window.last(0.9, 1.0) == (0.0, 0.0)  # no whole window yet
+    assert window.last(1.2, 1.0) == (15.0, 1.2)  # the open one, closed by time
+    assert window.last(3.5, 1.0, ENTRY_WINDOWS) == (15.0, 3.0)  # two quiet intervals since
+    window.add(3.5, 1.0, 7.0)
+    assert window.last(3.6, 1.0, ENTRY_WINDOWS) == (15.0, 3.0)

@@ -21,10 +21,11 @@ def test_swapped_out_version_is_freed(tmp_path: Path) -> None:
         metrics = Metrics()
         manager = ModelManager(ManagerConfig(repo=tmp_path, poll_interval_s=0,
                                              runtime=RuntimeOptions(intra_op_threads=1)), metrics)
+        manager.on_change(metrics.publish_versions)  # as the server wires it
         await manager.start()
         old = manager.resolve("tiny", 0)
         assert old.version == 1
-        session = weakref.ref(old.runtime.session)
+        session = weakref.ref(old._runtime.session)  # the engine itself, not only its handle
         del old
         build_small_model(tmp_path, version=2, seed=2)
         await manager.reconcile()
