@@ -5,7 +5,9 @@
 - `engine`: the raw ONNX Runtime engine, the limit every server number is a ratio of;
 - `rates`: the one rate search (open-loop steps judged by `loadtest.sweep.judge`) and the sustainable rate;
 - `timeline`: load over time, every call's outcome, the server sampled as it goes, the timeline plot;
-- `swap`: throw-away repositories and hot swaps followed through the server's lifecycle log;
+- `swap`: throw-away repositories and hot swaps followed through the server's JSON log;
+- `sustained`: the run overload, swaps and soak share (server on a throw-away repository, sustainable rate,
+  load with sampling and hot swaps, publish) and their targets and section helpers;
 - `machine`: the machine and who used its CPUs and memory;
 - `publish`: results.json, a tool's BENCHMARKS.md section and plots;
 - `cli`, `fmt`: the shared command line, progress lines and number formatting.

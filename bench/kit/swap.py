@@ -1,5 +1,5 @@
 """Hot swaps for benchmarks: a throw-away repository, a version staged by hard links and published by rename, and
-its lifecycle followed in the server's JSON log."""
+its lifecycle followed in the server's JSON log (`hot_swap`)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.kit.data import newest_version
-
-LIFECYCLE_EVENTS = ("model_loading", "model_ready", "model_serving", "model_unloaded", "model_load_failed")
+from bench.kit.server import ServerProcess
 
 
 def _link_or_copy(src: str, dst: str) -> str:
@@ -60,60 +59,6 @@ def stage_and_publish(root: Path, model: str, src: Path, version: int) -> Path:
         return publish_version(staged, root, model, version)
 
 
-class LifecycleLog:
-    """Lifecycle events from the server's JSON log (stderr, `--log-level INFO`), timed from the run's start."""
-
-    def __init__(self, path: Path, t0: float) -> None:
-        self.path = path
-        self.t0 = t0
-        self.wall0 = time.time() - (time.perf_counter() - t0)  # wall clock at t0
-        self._pos = 0
-        self._partial = b""
-        self.events: list[dict[str, Any]] = []
-
-    def poll(self) -> list[dict[str, Any]]:
-        try:
-            with self.path.open("rb") as fh:
-                fh.seek(self._pos)
-                data = fh.read()
-                self._pos = fh.tell()
-        except OSError:
-            return []
-        lines = (self._partial + data).split(b"\n")
-        self._partial = lines.pop()
-        new = []
-        for raw in lines:
-            try:
-                doc = json.loads(raw)
-            except ValueError:
-                continue
-            if isinstance(doc, dict) and doc.get("event") in LIFECYCLE_EVENTS:
-                doc["t"] = round(self._time(doc), 3)
-                new.append(doc)
-        self.events += new
-        return new
-
-    def _time(self, doc: dict[str, Any]) -> float:
-        try:  # logging's asctime, local time, millisecond resolution
-            wall = dt.datetime.strptime(str(doc["time"]), "%Y-%m-%d %H:%M:%S,%f").timestamp()
-        except (KeyError, ValueError):
-            wall = time.time()
-        return wall - self.wall0
-
-    def find(self, event: str, version: int) -> dict[str, Any] | None:
-        return next((e for e in self.events if e.get("event") == event and e.get("version") == version), None)
-
-    async def wait(self, event: str, version: int, timeout_s: float) -> dict[str, Any] | None:
-        deadline = time.perf_counter() + timeout_s
-        while time.perf_counter() < deadline:
-            self.poll()
-            found = self.find(event, version)
-            if found is not None or self.find("model_load_failed", version) is not None:
-                return found
-            await asyncio.sleep(0.05)
-        return None
-
-
 @dataclass
 class Swap:
     version: int
@@ -131,32 +76,35 @@ class Swap:
                     if t is not None)
 
     def phases(self) -> dict[str, float | None]:
-        def gap(a: float | None, b: float | None) -> float | None:
-            return round(b - a, 3) if a is not None and b is not None else None
-
-        return {"detect_s": gap(self.renamed_t, self.loading_t),
-                "load_verify_warm_golden_s": gap(self.loading_t, self.ready_t),
-                "switch_s": gap(self.ready_t, self.serving_t),
-                "drain_unload_s": gap(self.serving_t, self.unloaded_t),
-                "total_s": gap(self.renamed_t, self.unloaded_t)}
+        ts = {"detect_s": (self.renamed_t, self.loading_t), "load_verify_warm_golden_s": (self.loading_t, self.ready_t),
+              "switch_s": (self.ready_t, self.serving_t), "drain_unload_s": (self.serving_t, self.unloaded_t),
+              "total_s": (self.renamed_t, self.unloaded_t)}
+        return {k: round(b - a, 3) if a is not None and b is not None else None for k, (a, b) in ts.items()}
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), **self.phases()}
 
 
-async def hot_swap(root: Path, model: str, src: Path, version: int, previous: int, events: LifecycleLog,
-                   t0: float, timeout_s: float = 180.0) -> Swap:
-    """Drops `version` into the live repository and follows it until the previous version is unloaded."""
-    await asyncio.to_thread(stage_and_publish, root, model, src, version)
+async def hot_swap(server: ServerProcess, src: Path, version: int, previous: int, t0: float,
+                   timeout_s: float = 180.0) -> Swap:
+    """Drops `version` (`src`'s bytes, a version folder of the repository `server` serves) into that repository and
+    follows it in the server's JSON log (`--log-level INFO`), timed from `t0` (perf_counter), until the previous
+    version is unloaded."""
+    await asyncio.to_thread(stage_and_publish, server.spec.model_repo, src.parent.name, src, version)
     swap = Swap(version, previous, round(time.perf_counter() - t0, 3))
-    deadline = time.perf_counter() + timeout_s
-    for event, version_of, attr in (("model_loading", version, "loading_t"), ("model_ready", version, "ready_t"),
-                                    ("model_serving", version, "serving_t"),
-                                    ("model_unloaded", previous, "unloaded_t")):
-        found = await events.wait(event, version_of, max(deadline - time.perf_counter(), 0.1))
-        if found is None:
-            failed = events.find("model_load_failed", version)
-            swap.failed = str(failed.get("reason")) if failed else f"no {event} event within {timeout_s:.0f} s"
-            break
-        setattr(swap, attr, found["t"])
+    wall0, deadline = time.time() - (time.perf_counter() - t0), time.perf_counter() + timeout_s
+    wanted = {("model_loading", version): "loading_t", ("model_ready", version): "ready_t",
+              ("model_serving", version): "serving_t", ("model_unloaded", previous): "unloaded_t"}
+    while swap.unloaded_t is None and swap.failed is None:
+        for doc in server.events():
+            key = (doc.get("event"), doc.get("version"))
+            if key == ("model_load_failed", version):
+                swap.failed = str(doc.get("reason"))
+            elif key in wanted and getattr(swap, wanted[key]) is None:
+                wall = dt.datetime.strptime(doc["time"], "%Y-%m-%d %H:%M:%S,%f").timestamp()  # logging's asctime
+                setattr(swap, wanted[key], round(wall - wall0, 3))
+        if swap.failed is None and time.perf_counter() > deadline:
+            missing = next(e for (e, _), attr in wanted.items() if getattr(swap, attr) is None)
+            swap.failed = f"no {missing} event within {timeout_s:.0f} s"
+        await asyncio.sleep(0.05)
     return swap

@@ -1,5 +1,6 @@
 """Load over time and the server over time: open-loop chunks with no gap (`run_segments`), every call's send
-time, latency and status (`Calls`), the server sampled as it goes (`Sampler`), and the timeline plot."""
+time, latency and status (`Calls`), the server sampled as it goes (`sample`, `median_rss`), and the
+timeline plot."""
 
 from __future__ import annotations
 
@@ -22,10 +23,7 @@ from bench.kit.server import ServerProcess, metric_sum, rss_mib, serving_version
 from bench.kit.swap import Swap
 from loadtest.openloop import LoadConfig, LoadResult, latency_summary, run_open_loop
 
-OK = "OK"
-
-
-REFUSED = "RESOURCE_EXHAUSTED"
+OK, REFUSED = "OK", "RESOURCE_EXHAUSTED"
 
 
 @dataclass
@@ -39,46 +37,27 @@ class Sample:
     lost_total: float | None
 
 
-class Sampler:
-    """Samples the server every `interval_s` until stopped: RSS, CPU, and (when `scrape`) /metrics."""
-
-    def __init__(self, server: ServerProcess, t0: float, interval_s: float, scrape: bool = True) -> None:
-        self.server, self.t0, self.interval_s, self.scrape = server, t0, interval_s, scrape
-        self.samples: list[Sample] = []
-        self._task: asyncio.Task[None] | None = None
-
-    async def _run(self) -> None:
-        monitor = CpuMonitor(self.server.pid)
+async def sample(server: ServerProcess, t0: float, interval_s: float, into: list[Sample]) -> None:
+    """Samples the server into `into` every `interval_s` until cancelled: RSS and CPU from /proc, its /metrics."""
+    monitor = CpuMonitor(server.pid)
+    monitor.start()
+    while True:
+        await asyncio.sleep(interval_s)
+        cpu = monitor.stop()
         monitor.start()
-        while True:
-            await asyncio.sleep(self.interval_s)
-            cpu = monitor.stop()
-            monitor.start()
-            values: dict[str, float] | None = None
-            if self.scrape:
-                try:
-                    values = await self.server.ascrape()
-                except OSError:
-                    values = None  # a slow scrape under overload is not a reason to stop sampling
-            self.samples.append(Sample(
-                t=round(time.perf_counter() - self.t0, 3), rss_mib=round(rss_mib(self.server.pid), 1),
-                queue_depth=metric_sum(values, "scoring_queue_depth") if values else None,
-                serving=serving_versions(values) if values else [],
-                server_cores=cpu["server_cores"], foreign_cores=cpu["foreign_cores"],
-                lost_total=metric_sum(values, "model_lost_total") if values else None))
+        try:
+            values = await server.ascrape()
+        except OSError:
+            values = {}  # a slow scrape under overload is not a reason to stop sampling
+        into.append(Sample(
+            t=round(time.perf_counter() - t0, 3), rss_mib=round(rss_mib(server.pid), 1),
+            queue_depth=metric_sum(values, "scoring_queue_depth") if values else None,
+            serving=serving_versions(values), server_cores=cpu["server_cores"], foreign_cores=cpu["foreign_cores"],
+            lost_total=metric_sum(values, "model_lost_total") if values else None))
 
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
 
-    async def stop(self) -> list[Sample]:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        return self.samples
-
-    def between(self, lo: float, hi: float) -> list[Sample]:
-        return [s for s in self.samples if lo <= s.t < hi]
+def median_rss(samples: Sequence[Sample]) -> float | None:
+    return float(np.median([x.rss_mib for x in samples])) if samples else None
 
 
 @dataclass(frozen=True)
@@ -97,64 +76,50 @@ class Calls:
     code: np.ndarray
     chunks: list[dict[str, Any]] = field(default_factory=list)
 
-    def mask(self, lo: float = -math.inf, hi: float = math.inf, code: str | None = None) -> np.ndarray:
-        m = (self.t >= lo) & (self.t < hi)
-        return m & (self.code == code) if code is not None else m
+    def mask(self, lo: float = -math.inf, hi: float = math.inf) -> np.ndarray:
+        return (self.t >= lo) & (self.t < hi)
 
     def stats(self, lo: float = -math.inf, hi: float = math.inf) -> dict[str, Any]:
         """Calls scheduled in [lo, hi): counts by status, latency of OK calls and of refused calls."""
         m = self.mask(lo, hi)
         codes, counts = np.unique(self.code[m], return_counts=True)
-        by_code = {str(c): int(n) for c, n in zip(codes, counts, strict=True)}
-        span = min(hi, float(self.t.max()) if self.t.size else 0.0) - max(lo, 0.0)
-        failures = {c: n for c, n in by_code.items() if c != OK}
-        return {
-            "from_s": round(max(lo, 0.0), 2), "to_s": round(min(hi, float(self.t.max()) if self.t.size else 0.0), 2),
-            "calls": int(m.sum()), "ok": by_code.get(OK, 0), "failures": failures,
-            "failed": sum(failures.values()),
-            "offered_rate": round(int(m.sum()) / span, 2) if span > 0 else None,
-            "ok_rate": round(by_code.get(OK, 0) / span, 2) if span > 0 else None,
-            "ok_latency": latency_summary(self.latency[m & (self.code == OK)]),
-            "refused_latency": latency_summary(self.latency[m & (self.code == REFUSED)]),
-        }
+        failures = {str(c): int(n) for c, n in zip(codes, counts, strict=True) if c != OK}
+        ok = int((m & (self.code == OK)).sum())
+        lo, hi = max(lo, 0.0), min(hi, float(self.t.max()) if self.t.size else 0.0)
+        return {"from_s": round(lo, 2), "to_s": round(hi, 2), "calls": int(m.sum()), "ok": ok, "failures": failures,
+                "failed": sum(failures.values()),
+                "offered_rate": round(int(m.sum()) / (hi - lo), 2) if hi > lo else None,
+                "ok_rate": round(ok / (hi - lo), 2) if hi > lo else None,
+                "ok_latency": latency_summary(self.latency[m & (self.code == OK)]),
+                "refused_latency": latency_summary(self.latency[m & (self.code == REFUSED)])}
 
     def series(self, bin_s: float, end_s: float) -> dict[str, np.ndarray]:
         """Per time bin: offered/s, OK/s, refused/s, other failures/s, and p50/p99 of OK latency (ms)."""
         edges = np.arange(0.0, end_s + bin_s, bin_s)
-        idx = np.clip(np.digitize(self.t, edges) - 1, 0, len(edges) - 2)
         n = len(edges) - 1
-        ok = self.code == OK
-        refused = self.code == REFUSED
+        idx = np.clip(np.digitize(self.t, edges) - 1, 0, n - 1)
+        ok, refused = self.code == OK, self.code == REFUSED
         p50, p99 = np.full(n, np.nan), np.full(n, np.nan)
         for i in range(n):
-            lat = self.latency[(idx == i) & ok]
-            if lat.size:
-                p50[i], p99[i] = np.percentile(lat, 50) * 1000, np.percentile(lat, 99) * 1000
-        count = np.bincount(idx, minlength=n)[:n] / bin_s
-        return {"t": edges[:-1] + bin_s / 2, "offered": count,
-                "ok": np.bincount(idx, weights=ok, minlength=n)[:n] / bin_s,
-                "refused": np.bincount(idx, weights=refused, minlength=n)[:n] / bin_s,
-                "other": np.bincount(idx, weights=~ok & ~refused, minlength=n)[:n] / bin_s,
-                "p50_ms": p50, "p99_ms": p99}
+            if (lat := self.latency[(idx == i) & ok]).size:
+                p50[i], p99[i] = np.percentile(lat, [50, 99]) * 1000
+
+        def per_s(weights: np.ndarray | None = None) -> np.ndarray:
+            return np.bincount(idx, weights=weights, minlength=n)[:n] / bin_s
+
+        return {"t": edges[:-1] + bin_s / 2, "offered": per_s(), "ok": per_s(ok), "refused": per_s(refused),
+                "other": per_s(~ok & ~refused), "p50_ms": p50, "p99_ms": p99}
 
 
-async def run_segments(
-    channel: grpc.aio.Channel,
-    requests: Sequence[bytes],
-    segments: Sequence[Segment],
-    *,
-    t0: float,
-    chunk_s: float,
-    timeout_s: float,
-    seed: int,
-    on_chunk: Callable[[Segment, float, LoadResult], None] | None = None,
-    stop: asyncio.Event | None = None,
-) -> Calls:
+async def run_segments(channel: grpc.aio.Channel, requests: Sequence[bytes], segments: Sequence[Segment], *,
+                       t0: float, chunk_s: float, timeout_s: float, seed: int,
+                       on_chunk: Callable[[Segment, float, LoadResult], None], stop: asyncio.Event) -> Calls:
     """Open-loop Poisson load, segment after segment, from `t0` (perf_counter) on.
 
     Each segment is cut into equal chunks of about `chunk_s`; chunk k starts sending at its slot whatever
     the previous one still awaits, so the offered load has no gap and no coordinated omission. Once `stop`
-    is set, chunks not yet started are skipped (a run that lasts until something else is done)."""
+    is set, chunks not yet started are skipped (a run that lasts until something else is done). `on_chunk` is
+    called with each chunk's result."""
     plan: list[tuple[Segment, float, float]] = []
     offset = 0.0
     for seg in segments:
@@ -163,47 +128,36 @@ async def run_segments(
         offset += seg.seconds
 
     async def chunk(k: int, seg: Segment, start: float, seconds: float) -> tuple[float, LoadResult] | None:
-        if stop is None:
-            await asyncio.sleep(max(t0 + start - time.perf_counter(), 0.0))
-        else:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), max(t0 + start - time.perf_counter(), 0.0))
-            if stop.is_set():
-                return None
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), max(t0 + start - time.perf_counter(), 0.0))
+        if stop.is_set():
+            return None
         actual = time.perf_counter() - t0 + 0.01  # run_open_loop's clock starts 10 ms after the call
         result = await run_open_loop(channel, requests, LoadConfig(rate=seg.rate, duration_s=seconds,
-                                                                   timeout_s=timeout_s, warmup_s=0.0,
-                                                                   seed=seed + k))
-        if on_chunk is not None:
-            on_chunk(seg, actual, result)
+                                                                   timeout_s=timeout_s, warmup_s=0.0, seed=seed + k))
+        on_chunk(seg, actual, result)
         return actual, result
 
     ran = await asyncio.gather(*(chunk(k, *p) for k, p in enumerate(plan)))
-    done = [d for d in ran if d is not None]
-    chunks = [{"segment": seg.name, "start_s": round(d[0], 3), **{k: v for k, v in d[1].summary().items()
-                                                                   if k in ("offered_rate", "ok", "failures")}}
-              for (seg, _, _), d in zip(plan, ran, strict=True) if d is not None]
-    if not done:
-        return Calls(np.zeros(0), np.zeros(0), np.array([], dtype=object))
+    done = [(seg, *d) for (seg, _, _), d in zip(plan, ran, strict=True) if d is not None]
     return Calls(
-        t=np.concatenate([start + res.scheduled_s for start, res in done]),
-        latency=np.concatenate([res.latency_s for _, res in done]),
-        code=np.array([c for _, res in done for c in res.codes], dtype=object),
-        chunks=chunks,
-    )
+        t=np.concatenate([start + res.scheduled_s for _, start, res in done] or [np.zeros(0)]),
+        latency=np.concatenate([res.latency_s for _, _, res in done] or [np.zeros(0)]),
+        code=np.array([c for _, _, res in done for c in res.codes], dtype=object),
+        chunks=[{"segment": seg.name, "start_s": round(start, 3), **{k: v for k, v in res.summary().items()
+                                                                      if k in ("offered_rate", "ok", "failures")}}
+                for seg, start, res in done])
 
 
-def chunk_line(seg: Segment, start: float, res: LoadResult, sampler: Sampler | None) -> str:
-    s = res.summary()
+def chunk_line(seg: Segment, start: float, res: LoadResult, samples: Sequence[Sample] = ()) -> str:
+    s, last = res.summary(), samples[-1] if samples else None
     lat = s["latency"]
-    last = sampler.samples[-1] if sampler is not None and sampler.samples else None
     extra = (f"  RSS {last.rss_mib:.0f} MiB  queue {last.queue_depth if last.queue_depth is not None else '?':>4}"
              f"  serving v{','.join(map(str, last.serving)) or '?'}") if last else ""
     fails = ", ".join(f"{k} {v}" for k, v in s["failures"].items()) or "0 failed"
     return (f"{seg.name:>9} {start:6.0f}-{start + s['duration_s']:<6.0f}s offered {s['offered_rate']:6.1f}/s  "
             f"OK {s['ok'] / s['duration_s']:6.1f}/s  {fails}  p50 {ms(lat['p50_ms'])}  p99 {ms(lat['p99_ms'])}"
             + extra)
-
 
 
 def plot_timeline(calls: Calls, samples: Sequence[Sample], path: Path, title: str, *, bin_s: float,
@@ -216,49 +170,41 @@ def plot_timeline(calls: Calls, samples: Sequence[Sample], path: Path, title: st
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    end = float(calls.t.max()) if calls.t.size else 1.0
-    s = calls.series(bin_s, end)
+    s = calls.series(bin_s, float(calls.t.max()) if calls.t.size else 1.0)
     fig, (ax_lat, ax_out, ax_mem) = plt.subplots(3, 1, figsize=(10.0, 8.0), sharex=True,
                                                  gridspec_kw={"height_ratios": [2.2, 1.2, 1.2]})
     rng = np.random.default_rng(0)
-    for code, color, label, size in ((OK, "tab:blue", "OK", 2), (REFUSED, "tab:orange", "RESOURCE_EXHAUSTED", 3),
+    for code, color, label, size in ((OK, "tab:blue", "OK", 2), (REFUSED, "tab:orange", REFUSED, 3),
                                      (None, "tab:red", "other failure", 6)):
         m = calls.code == code if code is not None else (calls.code != OK) & (calls.code != REFUSED)
         idx = np.flatnonzero(m)
         if idx.size > 20000:  # the plot stays small; percentiles use every call
             idx = np.sort(rng.choice(idx, 20000, replace=False))
-        if idx.size:
-            alpha = 0.7 if idx.size < 3000 else 0.25  # few points must stay visible, many must not smear
-            ax_lat.scatter(calls.t[idx], calls.latency[idx] * 1000, s=size * 2, color=color, alpha=alpha, lw=0,
-                           label=f"{label} ({int(m.sum())})", rasterized=True)
+        if idx.size:  # few points must stay visible, many must not smear
+            ax_lat.scatter(calls.t[idx], calls.latency[idx] * 1000, s=size * 2, color=color, lw=0, rasterized=True,
+                           alpha=0.7 if idx.size < 3000 else 0.25, label=f"{label} ({int(m.sum())})")
     ax_lat.plot(s["t"], s["p99_ms"], color="black", lw=1.2, label=f"p99 of OK per {bin_s:g} s")
     ax_lat.plot(s["t"], s["p50_ms"], color="grey", lw=1.0, ls="--", label=f"p50 of OK per {bin_s:g} s")
-    ax_lat.set_yscale("log")
-    ax_lat.set_ylabel("latency from scheduled send (ms)")
+    ax_lat.set(yscale="log", ylabel="latency from scheduled send (ms)")
     ax_lat.set_title(title, fontsize=10)
     ax_lat.legend(fontsize=7, loc="upper left", markerscale=3)
-    ax_out.plot(s["t"], s["offered"], color="black", lw=0.8, label="offered/s")
-    ax_out.plot(s["t"], s["ok"], color="tab:blue", lw=1.0, label="OK/s")
-    if s["refused"].any():
-        ax_out.plot(s["t"], s["refused"], color="tab:orange", lw=1.0, label="RESOURCE_EXHAUSTED/s")
-    if s["other"].any():
-        ax_out.plot(s["t"], s["other"], color="tab:red", lw=1.0, label="other failures/s")
+    for key, color, label in (("offered", "black", "offered/s"), ("ok", "tab:blue", "OK/s"),
+                              ("refused", "tab:orange", f"{REFUSED}/s"), ("other", "tab:red", "other failures/s")):
+        if key in ("offered", "ok") or s[key].any():
+            ax_out.plot(s["t"], s[key], color=color, lw=0.8 if key == "offered" else 1.0, label=label)
     if reference_rate:
         ax_out.axhline(reference_rate, color="tab:green", ls=":", lw=1, label=f"sustainable {reference_rate:.0f}/s")
     ax_out.set_ylabel(f"calls/s ({bin_s:g} s bins)")
     ax_out.legend(fontsize=7, loc="upper left")
-    ts = [x.t for x in samples]
-    ax_mem.plot(ts, [x.rss_mib for x in samples], color="tab:purple", lw=1.2, label="server RSS (MiB)")
-    if samples:  # at least ±5% around the median, so that a flat line looks flat
-        rss = [x.rss_mib for x in samples]
+    rss = [x.rss_mib for x in samples]
+    ax_mem.plot([x.t for x in samples], rss, color="tab:purple", lw=1.2, label="server RSS (MiB)")
+    if rss:  # at least ±5% around the median, so that a flat line looks flat
         mid = float(np.median(rss))
         ax_mem.set_ylim(min(min(rss), 0.95 * mid) * 0.98, max(max(rss), 1.05 * mid) * 1.02)
-    ax_mem.set_ylabel("RSS (MiB)")
-    ax_mem.set_xlabel("seconds from the start of the load")
-    depth = [(x.t, x.queue_depth) for x in samples if x.queue_depth is not None]
-    if depth:
+    ax_mem.set(ylabel="RSS (MiB)", xlabel="seconds from the start of the load")
+    if depth := [(x.t, x.queue_depth) for x in samples if x.queue_depth is not None]:
         ax_q = ax_mem.twinx()
-        ax_q.plot([d[0] for d in depth], [d[1] for d in depth], color="tab:brown", lw=0.8, alpha=0.8)
+        ax_q.plot(*zip(*depth, strict=True), color="tab:brown", lw=0.8, alpha=0.8)
         ax_q.set_ylabel("queue depth (items)", color="tab:brown")
     ax_mem.legend(fontsize=7, loc="upper left")
     for ax in (ax_lat, ax_out, ax_mem):
@@ -269,12 +215,10 @@ def plot_timeline(calls: Calls, samples: Sequence[Sample], path: Path, title: st
             if sw.serving_t is not None:
                 ax.axvline(sw.serving_t, color="tab:green", lw=0.8)
         ax.grid(alpha=0.3)
-    for name, lo, hi in phases:
-        ax_out.annotate(name, ((lo + hi) / 2, 0.97), xycoords=("data", "axes fraction"), ha="center", va="top",
-                        fontsize=8)
-    for sw in swaps:
-        ax_out.annotate(f"→v{sw.version}", (sw.renamed_t, 0.97), xycoords=("data", "axes fraction"), ha="left",
-                        va="top", fontsize=7, color="tab:green")
+    for label, x, ha, color in ([(name, (lo + hi) / 2, "center", "black") for name, lo, hi in phases]
+                                + [(f"→v{sw.version}", sw.renamed_t, "left", "tab:green") for sw in swaps]):
+        ax_out.annotate(label, (x, 0.97), xycoords=("data", "axes fraction"), ha=ha, va="top", fontsize=8,
+                        color=color)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
