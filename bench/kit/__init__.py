@@ -3,11 +3,14 @@
 - `server`: the real server as a subprocess (benchmarks and tests alike), its flags, /metrics readings;
 - `data`: query/title pairs and the serialized requests built from them;
 - `engine`: the raw ONNX Runtime engine, the limit every server number is a ratio of;
-- `rates`: the one rate search (open-loop steps judged by `loadtest.sweep.judge`) and the sustainable rate;
+- `rates`: the one rate search (`search`: open-loop steps judged by `loadtest.sweep.judge`, grid then bisection;
+  `outcome`, `sweep`) and the sustainable rate;
 - `timeline`: load over time, every call's outcome, the server sampled as it goes, the timeline plot;
 - `swap`: throw-away repositories and hot swaps followed through the server's JSON log;
 - `sustained`: the run overload, swaps and soak share (server on a throw-away repository, sustainable rate,
   load with sampling and hot swaps, publish) and their targets and section helpers;
+- `run`: what a scenario holding its own servers to the raw engine shares (cache_zipf, workers_scale): common
+  flags, the model's inputs, the raw engine limit, servers stopped at exit (SIGTERM too), header to `publish`;
 - `machine`: the machine and who used its CPUs and memory;
 - `publish`: results.json, a tool's BENCHMARKS.md section and plots;
 - `cli`, `fmt`: the shared command line, progress lines and number formatting.

@@ -4,18 +4,19 @@ synthetic stand-in) and the serialized requests built from them."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from loadtest.openloop import serialize_requests
 from loadtest.workload import Pair, synthetic_pairs
 
+if TYPE_CHECKING:
+    from model_format.features import EncodedRequest, FeatureEncoder
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "qbqtc_test_public.jsonl"
-
-
 SYNTHETIC_PAIRS = 5000
 
 
@@ -27,6 +28,10 @@ class PairSet:
     @property
     def real(self) -> bool:
         return self.source.startswith("real")
+
+    @property
+    def described(self) -> str:
+        return self.source if self.real else "synthetic (the real pairs file is absent)"
 
 
 def load_pairs(path: Path | None) -> PairSet:
@@ -53,24 +58,28 @@ class Workload:
     pairs: int
 
 
+def encodable(encoder: FeatureEncoder, pairs: Iterable[Pair]) -> Iterator[tuple[Pair, EncodedRequest]]:
+    """The pairs the model can encode, with their model inputs (a pair with no tokens would be refused as
+    INVALID_ARGUMENT and counted as a failure that is not the server's)."""
+    from model_format.features import FeatureError
+
+    for p in pairs:
+        try:
+            yield p, encoder.encode(p.query, p.title or None)
+        except FeatureError:
+            continue
+
+
 def load_requests(version_dir: Path, data: Path | None) -> Workload:
-    """Serialized ScoreRequests for every pair the model can encode (a pair with no tokens would be
-    refused as INVALID_ARGUMENT and counted as a failure that is not the server's)."""
-    from model_format.features import FeatureEncoder, FeatureError
+    """Serialized ScoreRequests for every pair the model can encode."""
+    from model_format.features import FeatureEncoder
     from model_format.manifest import read_manifest
     from scoring.v1 import scoring_pb2
 
     pairs = load_pairs(data)
-    encoder = FeatureEncoder(version_dir, read_manifest(version_dir))
-    kept = []
-    for p in pairs.pairs:
-        try:
-            encoder.encode(p.query, p.title or None)
-        except FeatureError:
-            continue
-        kept.append(scoring_pb2.ScoreRequest(query=p.query, title=p.title or None))
-    source = pairs.source if pairs.real else "synthetic (the real pairs file is absent)"
-    return Workload(serialize_requests(kept), source, len(kept))
+    kept = [scoring_pb2.ScoreRequest(query=p.query, title=p.title or None)
+            for p, _ in encodable(FeatureEncoder(version_dir, read_manifest(version_dir)), pairs.pairs)]
+    return Workload(serialize_requests(kept), pairs.described, len(kept))
 
 
 def newest_version(model_repo: Path, model: str) -> Path:

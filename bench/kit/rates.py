@@ -8,7 +8,7 @@ import datetime as dt
 import hashlib
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,10 +16,11 @@ import grpc
 
 from bench.kit.cli import Progress
 from bench.kit.data import REPO_ROOT
+from bench.kit.fmt import num
 from bench.kit.machine import CpuMonitor
 from bench.kit.server import ServerProcess, batch_stats
 from loadtest.openloop import LoadConfig, run_open_loop
-from loadtest.sweep import KEEP_UP, judge
+from loadtest.sweep import KEEP_UP, judge, next_rate
 
 
 @dataclass(frozen=True)
@@ -36,74 +37,85 @@ class SweepConfig:
     max_fraction: float = 3.0
 
 
-async def run_step(
-    server: ServerProcess,
-    channel: grpc.aio.Channel,
-    requests: Sequence[bytes],
-    fraction: float,
-    cfg: SweepConfig,
-    probe: Callable[[], float] | None,
-    progress: Callable[[str], None],
-    label: str,
-) -> dict[str, Any]:
+Step = dict[str, Any]
+
+
+async def run_step(server: ServerProcess, channel: grpc.aio.Channel, requests: Sequence[bytes], fraction: float,
+                   cfg: SweepConfig, probe: Callable[[], float] | None, progress: Progress, label: str) -> Step:
+    """One open-loop step at `fraction` × the limit, judged; the server's CPU is its whole process tree when it
+    runs workers."""
     rate = fraction * cfg.limit
     probe_before = probe() if probe else None
-    monitor = CpuMonitor(server.pid)
+    monitor = CpuMonitor(server.pid, tree=server.spec.workers > 1)
     before = await server.ascrape()
     monitor.start()
     load = LoadConfig(rate=rate, duration_s=cfg.step_s, timeout_s=cfg.timeout_s,
                       seed=cfg.seed + int(fraction * 1000))
     result = await run_open_loop(channel, requests, load)
-    cpu = monitor.stop()
+    cpu: dict[str, Any] = monitor.stop()
+    if server.spec.workers > 1:
+        cpu["server_event_loop_cores"] = None  # the supervisor's main thread: no worker's event loop
     after = await server.ascrape()
     summary = result.summary()
     ok, why = judge(summary, cfg.p99_bound_ms)
-    step = {
-        "fraction": round(fraction, 4),
-        "offered_rate_target": round(rate, 3),
-        **summary,
-        "sustainable": ok,
-        "verdict": why,
-        "server": batch_stats(before, after, cpu["wall_s"]),
-        "cpu": cpu,
-        "engine_probe_before": round(probe_before, 2) if probe_before is not None else None,
-    }
+    step = {"fraction": round(fraction, 4), "offered_rate_target": round(rate, 3), **summary, "sustainable": ok,
+            "verdict": why, "server": batch_stats(before, after, cpu["wall_s"]), "cpu": cpu,
+            "engine_probe_before": round(probe_before, 2) if probe_before is not None else None}
     lat = summary["latency"]
     progress(f"  {label} {fraction:>5.0%} of limit: offered {summary['offered_rate']:7.1f}/s  achieved "
-             f"{summary['achieved_rate']:7.1f}/s  p50 {lat['p50_ms'] or float('nan'):8.1f} ms  p99 "
-             f"{lat['p99_ms'] or float('nan'):8.1f} ms  batch {step['server']['mean_batch_size']}  "
-             f"foreign CPU {cpu['foreign_cores']:.2f}  -> {'OK' if ok else why}")
+             f"{summary['achieved_rate']:7.1f}/s  p50 {num(lat['p50_ms']):>7} ms  p99 {num(lat['p99_ms']):>7} ms  "
+             f"batch {step['server']['mean_batch_size']}  server CPU {cpu['server_cores']:.2f}  generator "
+             f"{cpu['bench_cores']:.2f}  foreign {cpu['foreign_cores']:.2f}  -> {'OK' if ok else why}")
     return step
 
 
-def next_fraction(steps: list[dict[str, Any]], min_gap: float = 0.04, max_fraction: float = 3.0) -> float | None:
-    """Bisects between the highest sustainable step and the lowest failing one above it; halves the lowest
-    step when none was sustainable; goes 25% higher when all were."""
-    good = [s["fraction"] for s in steps if s["sustainable"]]
-    if not good:
-        lowest = min(s["fraction"] for s in steps)
-        return lowest / 2 if lowest / 2 >= 0.05 else None
-    lo = max(good)
-    above = [s["fraction"] for s in steps if not s["sustainable"] and s["fraction"] > lo]
-    if not above:
-        return lo * 1.25 if lo * 1.25 <= max_fraction else None
-    hi = min(above)
-    return (lo + hi) / 2 if hi - lo >= min_gap else None
+def next_fraction(steps: Sequence[Step], min_gap: float = 0.04, max_fraction: float = 3.0) -> float | None:
+    """`loadtest.sweep.next_rate` on fractions: bisects between the highest sustainable step and the lowest failing
+    one above it (until they are `min_gap` apart); halves the lowest step when none was sustainable (down to 0.05);
+    goes 25% higher when all were (not past `max_fraction`)."""
+    lo = max((s["fraction"] for s in steps if s["sustainable"]), default=1.0)
+    f = next_rate([{"target_rate": s["fraction"], "sustainable": s["sustainable"]} for s in steps], growth=1.25,
+                  min_gap=min_gap / lo, min_rate=0.05)
+    return f if f is not None and (f <= max_fraction or any(s["fraction"] > f for s in steps)) else None
 
 
-async def sweep(
-    server: ServerProcess,
-    requests: Sequence[bytes],
-    cfg: SweepConfig,
-    *,
-    label: str,
-    probe: Callable[[], float] | None = None,
-    progress: Callable[[str], None] = print,
-) -> dict[str, Any]:
-    steps: list[dict[str, Any]] = []
+async def warm_up(channel: grpc.aio.Channel, requests: Sequence[bytes], cfg: SweepConfig) -> None:
+    """Connection, first-call paths and the engine's shapes: not measured."""
+    await run_open_loop(channel, requests, LoadConfig(rate=max(2.0, 0.2 * cfg.limit), duration_s=3.0,
+                                                      timeout_s=cfg.timeout_s, seed=cfg.seed))
+
+
+async def search(measure: Callable[[float], Awaitable[Step]], cfg: SweepConfig) -> list[Step]:
+    """The one rate search: `measure` each of the grid's fractions, then up to `cfg.refine` more chosen by
+    `next_fraction`; the steps sorted by fraction."""
+    steps = [await measure(f) for f in sorted(cfg.fractions)]
+    for _ in range(cfg.refine):
+        f = next_fraction(steps, max_fraction=cfg.max_fraction)
+        if f is None:
+            break
+        steps.append(await measure(f))
+    return sorted(steps, key=lambda s: s["fraction"])
+
+
+def outcome(steps: Sequence[Step], limit: float) -> dict[str, Any]:
+    """The best sustainable step and the most completed per second at any step, in requests/s and × `limit`."""
+    best = max((s for s in steps if s["sustainable"]), key=lambda s: s["achieved_rate"], default=None)
+    top = max(steps, key=lambda s: s["achieved_rate"])
+    return {"max_sustained_rate": best["achieved_rate"] if best else 0.0,
+            "max_sustained_fraction_offered": best["fraction"] if best else 0.0,
+            "max_sustained_ratio": round(best["achieved_rate"] / limit, 4) if best else 0.0,
+            "p99_at_max_sustained_ms": best["latency"]["p99_ms"] if best else None,
+            "saturation_rate": top["achieved_rate"], "saturation_ratio": round(top["achieved_rate"] / limit, 4),
+            "saturation_step_fraction": top["fraction"]}
+
+
+async def sweep(server: ServerProcess, requests: Sequence[bytes], cfg: SweepConfig, *, label: str,
+                probe: Callable[[], float] | None = None, progress: Progress = print) -> dict[str, Any]:
+    """`search` on one channel after a `warm_up`; a step during which other processes used more than
+    `cfg.noisy_cores` is run again (at most `cfg.max_reruns` times in all) and the quieter attempt kept."""
     reruns = 0
 
-    async def measured(channel: grpc.aio.Channel, fraction: float) -> dict[str, Any]:
+    async def measured(channel: grpc.aio.Channel, fraction: float) -> Step:
         nonlocal reruns
         step = await run_step(server, channel, requests, fraction, cfg, probe, progress, label)
         while step["cpu"]["foreign_cores"] > cfg.noisy_cores and reruns < cfg.max_reruns:
@@ -120,37 +132,13 @@ async def sweep(
         return step
 
     async with grpc.aio.insecure_channel(server.target) as channel:
-        # Connection, first-call paths and the engine's shapes: not measured.
-        await run_open_loop(channel, requests, LoadConfig(rate=max(2.0, 0.2 * cfg.limit), duration_s=3.0,
-                                                          timeout_s=cfg.timeout_s, seed=cfg.seed))
-        for f in sorted(cfg.fractions):
-            steps.append(await measured(channel, f))
-        for _ in range(cfg.refine):
-            f_next = next_fraction(steps, max_fraction=cfg.max_fraction)
-            if f_next is None:
-                break
-            steps.append(await measured(channel, f_next))
-    steps.sort(key=lambda s: s["fraction"])
-    good = [s for s in steps if s["sustainable"]]
-    best = max(good, key=lambda s: s["achieved_rate"]) if good else None
-    saturated = max(steps, key=lambda s: s["achieved_rate"])
+        await warm_up(channel, requests, cfg)
+        steps = await search(lambda f: measured(channel, f), cfg)
     probes = [s["engine_probe_before"] for s in steps if s["engine_probe_before"] is not None]
-    return {
-        "limit": round(cfg.limit, 2),
-        "step_s": cfg.step_s,
-        "timeout_s": cfg.timeout_s,
-        "p99_bound_ms": cfg.p99_bound_ms,
-        "keep_up": KEEP_UP,
-        "steps": steps,
-        "max_sustained_rate": best["achieved_rate"] if best else 0.0,
-        "max_sustained_fraction_offered": best["fraction"] if best else 0.0,
-        "max_sustained_ratio": round(best["achieved_rate"] / cfg.limit, 4) if best else 0.0,
-        "saturation_rate": saturated["achieved_rate"],
-        "saturation_ratio": round(saturated["achieved_rate"] / cfg.limit, 4),
-        "saturation_step_fraction": saturated["fraction"],
-        "engine_probes": {"min": min(probes), "max": max(probes), "n": len(probes)} if probes else None,
-        "reruns": reruns,
-    }
+    return {"limit": round(cfg.limit, 2), "step_s": cfg.step_s, "timeout_s": cfg.timeout_s,
+            "p99_bound_ms": cfg.p99_bound_ms, "keep_up": KEEP_UP, "steps": steps, **outcome(steps, cfg.limit),
+            "engine_probes": {"min": min(probes), "max": max(probes), "n": len(probes)} if probes else None,
+            "reruns": reruns}
 
 
 CACHE_MAX_AGE_S = 6 * 3600.0
