@@ -74,7 +74,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--max-reruns", type=int, default=2, help="per sweep: steps run again (others used > 0.3 cores)")
     ap.add_argument("--probe-s", type=float, default=2.0, help="raw-engine re-measure before each step (0 = off)")
     ap.add_argument("--skip", default="", help=f"comma-separated steps to leave out: {', '.join(STEPS)}")
-    ap.add_argument("--server-cwd", type=Path, default=REPO_ROOT, help="checkout whose `server` package is run")
+    ap.add_argument("--server-cwd", type=Path, default=REPO_ROOT,
+                    help="checkout whose `server` package is run (it must know `bench.kit.server.server_flags`)")
     ap.add_argument("--quick", action="store_true", help="short smoke run (minutes); numbers are rough")
     add_publish_args(ap)
     args = ap.parse_args(argv)

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from bench.kit.data import DEFAULT_DATA
-from bench.kit.server import ServerProcess, ServerSpec, server_flags
+from bench.kit.server import ServerProcess, ServerSpec
 from bench.kit.swap import _link_or_copy
 from bench.reports.heads import markdown
 from model_format.manifest import read_lookup_vocab, read_manifest
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in derive_rows(
         args.data, args.rows, sites, industries, tags)), encoding="utf-8")
     timings = {"derive rows (not counted)": time.perf_counter() - t}
-    flags = server_flags(threads=None, log_level="INFO", extra=["--poll-interval-s", "1"])  # polls: sees the merge
+    flags = ["--poll-interval-s", "1", "--log-level", "INFO"]  # the server's defaults; it polls: sees the merge
     server = ServerProcess(ServerSpec(work / "repo", extra=flags, log_path=work / "server.log"))
     try:
         with server, server.channel() as channel:

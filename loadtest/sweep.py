@@ -7,7 +7,7 @@
 
 A step is *sustainable* when every call returned OK, the achieved rate kept up with the offered rate
 (at least `KEEP_UP` = 95% of it) and p99 stayed at or under the objective: the same test as
-`bench/serverload.py`'s `judge`. The search is a grid, then a bisection:
+the benchmarks' rate search (`bench.kit.rates`). The search is a grid, then a bisection:
 
 1. grid: `start_rate`, then `growth` times the highest rate so far while every step is sustainable
    (halving instead while none is), until a step fails, `max_rate` is reached or `max_grid_steps`;

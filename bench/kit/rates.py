@@ -145,8 +145,9 @@ CACHE_MAX_AGE_S = 6 * 3600.0
 
 
 def server_code_hash() -> str:
+    """What the server runs: `server/` and the version format it reads requests with."""
     digest = hashlib.sha256()
-    for path in sorted((REPO_ROOT / "server").rglob("*.py")):
+    for path in sorted([*(REPO_ROOT / "server").rglob("*.py"), *(REPO_ROOT / "model_format").rglob("*.py")]):
         digest.update(path.relative_to(REPO_ROOT).as_posix().encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]
 

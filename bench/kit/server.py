@@ -106,9 +106,15 @@ class ServerProcess:
         self._pick_ports()
 
     def _pick_ports(self) -> None:
-        self.grpc_port = free_port()  # shared by the workers (SO_REUSEPORT)
-        self.metrics_port = free_port_run(self.spec.workers)  # worker i: metrics_port + i, as the admin port
-        self.admin_port = free_port_run(self.spec.workers) if self.spec.admin else 0
+        n = self.spec.workers
+        while True:  # three picks of free ports may overlap: none may
+            self.grpc_port = free_port()  # shared by the workers (SO_REUSEPORT)
+            self.metrics_port = free_port_run(n)  # worker i: metrics_port + i, as the admin port
+            self.admin_port = free_port_run(n) if self.spec.admin else 0
+            ports = {self.grpc_port, *range(self.metrics_port, self.metrics_port + n),
+                     *(range(self.admin_port, self.admin_port + n) if self.spec.admin else ())}
+            if len(ports) == 1 + n + (n if self.spec.admin else 0):
+                return
 
     @property
     def target(self) -> str:
@@ -181,7 +187,7 @@ class ServerProcess:
     def _bind_failed(self) -> bool:
         if self._pump is not None:
             self._pump.join(timeout=5)
-        return any("Failed to bind" in line for line in self.logs())
+        return any("Failed to bind" in line or "Address already in use" in line for line in self.logs())
 
     def logs(self) -> list[str]:
         """The server's stderr lines so far (from the log file when there is one)."""
