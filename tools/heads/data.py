@@ -3,12 +3,9 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-
-from model_format.manifest import CHUNK_BYTES
 
 
 class DataError(ValueError):
@@ -76,10 +73,3 @@ def read_labeled(path: Path) -> list[LabeledRow]:
         raise DataError(f"{path} holds no rows")
     return rows
 
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()

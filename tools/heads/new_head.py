@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from model_format.features import FeatureEncoder, pad_batch
-from model_format.manifest import Head, Manifest
-from tools.heads.data import file_sha256, read_labeled
+from model_format.manifest import Head, Manifest, sha256_file
+from tools.heads.data import read_labeled
 from tools.heads.edit import EditError, export_heads, load_version, resolve_target
 from tools.heads.features import FeatureStats, compute_features, encode_rows
 from tools.heads.graph_edit import non_head_digest
@@ -88,7 +88,7 @@ def train_new_head(
     extra: dict[str, object] = {
         "source": "tools.heads train",
         "base": base.label,
-        "data": {"file": data.name, "sha256": file_sha256(data), "rows": len(rows), "used": len(used)},
+        "data": {"file": data.name, "sha256": sha256_file(data), "rows": len(rows), "used": len(used)},
         "held_out": {"rows": v.rows, "positives": v.positives, "auc": round(v.auc, 6),
                      "threshold": round(v.threshold, 6), "precision": round(v.precision, 6),
                      "recall": round(v.recall, 6), "f1": round(v.f1, 6)},
