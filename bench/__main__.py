@@ -25,10 +25,10 @@ from typing import Any
 import numpy as np
 
 from bench.kit import engine
-from bench.kit.cli import logger
-from bench.kit.data import DEFAULT_DATA, REPO_ROOT, newest_version
+from bench.kit.cli import add_model_args, add_publish_args, floats, logger, new_parser
+from bench.kit.data import REPO_ROOT, newest_version
 from bench.kit.machine import machine_info
-from bench.kit.publish import add_publish_args, publish
+from bench.kit.publish import publish
 from bench.kit.rates import SweepConfig, sweep
 from bench.kit.server import ServerProcess, ServerSpec, server_flags
 from bench.reports import summary
@@ -41,19 +41,12 @@ T0 = time.perf_counter()
 log = logger("bench")
 
 
-def floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x.strip()]
-
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=Path("bench_out"), help="output folder")
-    ap.add_argument("--model-repo", type=Path, default=Path("model_repo"), help="repository with the demo model")
-    ap.add_argument("--model", default="demo", help="model to measure (its newest complete version)")
+    ap = new_parser("", __doc__)
+    add_model_args(ap)
     ap.add_argument("--threads", type=int, default=0, help="ORT threads per run, offline and in the server "
                     "(0 = the server's CPU default: one thread per run, one run at a time per core)")
-    ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="JSONL query/title pairs (synthetic when absent)")
     ap.add_argument("--batch-sizes", type=floats, default=[1, 8, 16, 32, 64])
     ap.add_argument("--agreement-pairs", type=int, default=1000)
     ap.add_argument("--engine-rounds", type=int, default=3, help="interleaved rounds per configuration")
@@ -68,7 +61,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                     help="';'-separated server flag sets, each run at the --what-if-fractions ('' = none)")
     ap.add_argument("--what-if-fractions", type=floats, default=[0.5, 1.0])
     ap.add_argument("--what-if-step-s", type=float, default=10.0)
-    ap.add_argument("--timeout-s", type=float, default=5.0, help="gRPC deadline of every call")
     ap.add_argument("--p99-bound-ms", type=float, default=1000.0, help="a step with a higher p99 is not sustainable")
     ap.add_argument("--refine", type=int, default=3, help="bisection (or extension) steps after the grid")
     ap.add_argument("--max-reruns", type=int, default=2, help="per sweep: steps run again (others used > 0.3 cores)")

@@ -26,7 +26,7 @@ from typing import Any
 
 import grpc
 
-from bench.kit.cli import add_common_args, logger
+from bench.kit.cli import add_common_args, ints, logger, new_parser
 from bench.kit.data import load_pairs, newest_version
 from bench.kit.engine import Engine, Workload, arrangement, load_engine, make_workload, probe, throughput_sweep
 from bench.kit.machine import CpuMonitor, machine, tree_memory_mib
@@ -46,14 +46,13 @@ log = logger(NAME)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__, conflict_handler="resolve",
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = new_parser("compare", __doc__, conflict_handler="resolve")
     add_common_args(ap)  # --server-args: extra flags of this service; --remeasure-rate: unused
     ap.set_defaults(timeout_s=2.0)
     arg = ap.add_argument
     arg("--p99-objective-ms", type=float, default=0.0, help="p99 objective of the sweeps (0 = by the machine)")
     arg("--systems", default="naive,service,ray", help="servers to measure, in this order (keep Ray last)")
-    arg("--batch-sizes", type=lambda t: [int(x) for x in t.split(",")], default=[1, 8, 16, 32])
+    arg("--batch-sizes", type=ints, default=[1, 8, 16, 32])
     arg("--engine-rounds", type=int, default=2)
     arg("--engine-min-s", type=float, default=1.5)
     arg("--step-s", type=float, default=8.0, help="seconds per sweep step")

@@ -9,7 +9,6 @@ the new version and srcid, every old srcid's score equal to the previous version
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -18,6 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.kit.cli import new_parser
 from bench.kit.data import DEFAULT_DATA
 from bench.kit.server import ServerProcess, ServerSpec
 from bench.kit.swap import _link_or_copy
@@ -63,8 +63,7 @@ def derive_rows(qbqtc: Path, n: int, sites: list[str], industries: list[str], ta
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.heads", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = new_parser("heads", __doc__)
     ap.add_argument("--model-repo", type=Path, default=Path("model_repo"))
     ap.add_argument("--model", default="demo")
     ap.add_argument("--version", type=int, default=None, help="the online version (default: the latest complete)")

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.kit.cli import add_common_args
+from bench.kit.cli import add_common_args, new_parser
 from bench.kit.fmt import num, pct, ratio
 from bench.kit.sustained import check, sustained
 from bench.kit.timeline import REFUSED, Sample, Segment, median_rss
@@ -34,8 +34,7 @@ NAME = "overload"
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m bench.overload", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = new_parser("overload", __doc__)
     add_common_args(ap)
     ap.add_argument("--normal-fraction", type=float, default=0.7,
                     help="normal load as a fraction of the sustainable rate (the capacity-planning share)")

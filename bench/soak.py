@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.kit.cli import add_common_args
+from bench.kit.cli import add_common_args, new_parser
 from bench.kit.fmt import pct, signed
 from bench.kit.sustained import check, sustained
 from bench.kit.swap import Swap
@@ -34,8 +34,7 @@ NAME = "soak"
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = new_parser("soak", __doc__)
     add_common_args(ap)
     ap.add_argument("--minutes", type=float, default=30.0, help="length of the load")
     ap.add_argument("--load-fraction", type=float, default=0.7, help="load as a fraction of the sustainable rate")

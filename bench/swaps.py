@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.kit.cli import add_common_args
+from bench.kit.cli import add_common_args, new_parser
 from bench.kit.fmt import pct, ratio
 from bench.kit.sustained import check, sustained
 from bench.kit.timeline import OK, Segment, median_rss
@@ -36,8 +36,7 @@ NAME = "swaps"
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m bench.swaps", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = new_parser("swaps", __doc__)
     add_common_args(ap)
     ap.add_argument("--load-fraction", type=float, default=0.55, help="offered load as a fraction of the "
                     "sustainable rate")

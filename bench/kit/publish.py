@@ -12,16 +12,6 @@ from typing import Any
 import numpy as np
 
 from bench.kit.cli import Progress
-from bench.kit.data import REPO_ROOT
-
-
-def add_publish_args(ap: argparse.ArgumentParser) -> None:
-    """Where a tool publishes, and re-rendering from a saved run."""
-    ap.add_argument("--benchmarks-md", type=Path, default=REPO_ROOT / "BENCHMARKS.md")
-    ap.add_argument("--docs-dir", type=Path, default=REPO_ROOT / "docs" / "bench")
-    ap.add_argument("--no-docs", action="store_true", help="do not touch BENCHMARKS.md and docs/bench/")
-    ap.add_argument("--from-results", type=Path, default=None, metavar="RESULTS_JSON",
-                    help="measure nothing: rewrite the section, plots and BENCHMARKS.md from a saved results.json")
 
 
 def merge_section(existing: str, name: str, block: str) -> str:

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.kit.cli import Progress, logger
-from bench.kit.data import DEFAULT_DATA, REPO_ROOT, encodable, load_pairs, newest_version
+from bench.kit.cli import Progress, add_model_args, add_publish_args, ints, logger, new_parser
+from bench.kit.data import REPO_ROOT, encodable, load_pairs, newest_version
 from bench.kit.engine import arrangement, describe, load_engine, throughput_sweep
 from bench.kit.machine import machine, machine_line
-from bench.kit.publish import add_publish_args, publish
+from bench.kit.publish import publish
 from bench.kit.server import ServerProcess, ServerSpec
 from loadtest.workload import Pair
 from model_format.features import EncodedRequest, FeatureEncoder
@@ -29,28 +29,16 @@ from model_format.manifest import Manifest, read_manifest
 LIVE: list[ServerProcess] = []  # every server this run started, stopped again at exit whatever happened
 
 
-def ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
-
-
-def floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x.strip()]
-
 
 def parser(name: str, doc: str | None) -> argparse.ArgumentParser:
     """The flags both scenarios take: model and data, the raw engine's batch sizes and rounds, the step judgement,
     and where results go (`add_publish_args`)."""
-    ap = argparse.ArgumentParser(prog=f"python -m bench.{name}", description=doc,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model-repo", type=Path, default=Path("model_repo"))
-    ap.add_argument("--model", default="demo")
-    ap.add_argument("--out", type=Path, default=Path("bench_out"), help=f"results go to <out>/{name}/")
-    ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="JSONL query/title pairs [%(default)s]")
+    ap = new_parser(name, doc)
+    add_model_args(ap)
     ap.add_argument("--batch-sizes", type=ints, default=[1, 8, 16, 32], help="raw engine batch sizes")
     ap.add_argument("--engine-rounds", type=int, default=2)
     ap.add_argument("--engine-min-s", type=float, default=1.5)
     ap.add_argument("--refine", type=int, default=2, help="bisection steps after each grid")
-    ap.add_argument("--timeout-s", type=float, default=5.0)
     ap.add_argument("--p99-bound-ms", type=float, default=1000.0)
     ap.add_argument("--server-cwd", type=Path, default=REPO_ROOT)
     ap.add_argument("--quick", action="store_true", help="smoke run (~2 minutes); numbers are rough")
