@@ -288,7 +288,7 @@ class ModelManager:
         self._changed()
         # The session sits in reference cycles (executor threads, futures, closures): without a
         # collection its memory would wait for the next automatic cycle collection, after several
-        # more swaps (RSS grew by one version per swap; see BENCHMARKS.md, 'Soak').
+        # more swaps (BENCHMARKS.md, 'Figures behind decisions in code').
         freed = gc.collect()
         await self._in_background(release_free_memory)
         log.info("version unloaded", extra={"event": "model_unloaded", "model": record.model,
