@@ -30,7 +30,7 @@ from bench.kit.data import REPO_ROOT, newest_version
 from bench.kit.machine import machine_info
 from bench.kit.publish import publish
 from bench.kit.rates import SweepConfig, sweep
-from bench.kit.server import ServerProcess, ServerSpec, server_flags
+from bench.kit.server import ServerSpec, server_flags, serving
 from bench.reports import summary
 from model_format.features import EncodedRequest
 from model_format.manifest import read_manifest
@@ -116,14 +116,9 @@ async def server_phase(args: argparse.Namespace, results: dict[str, Any], reques
         log(f"server {label} {' '.join(extra)}: steps of {step_s:.0f} s at {fractions} × {rate:.1f}/s")
         cfg = SweepConfig(limit=rate, fractions=fractions, step_s=step_s, timeout_s=args.timeout_s,
                           p99_bound_ms=args.p99_bound_ms, refine=refine, max_reruns=args.max_reruns)
-        server = ServerProcess(ServerSpec(args.model_repo, args.server_cwd, [*flags, *extra],
-                                          args.out / f"server-{label}.log"))
-        await asyncio.to_thread(server.start)
-        try:
-            log(f"  server up in {server.start_seconds:.1f} s (pid {server.pid})")
+        spec = ServerSpec(args.model_repo, args.server_cwd, [*flags, *extra], args.out / f"server-{label}.log")
+        async with serving(spec, log, f"  server {label}") as server:
             out = await sweep(server, requests, cfg, label=label, probe=probe, progress=log)
-        finally:
-            await asyncio.to_thread(server.stop)
         return {**out, "command": server.command}
 
     if "server" not in args.skip:

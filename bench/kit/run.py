@@ -5,17 +5,17 @@ the common flags, the model and its distinct inputs, the raw engine limit, serve
 from __future__ import annotations
 
 import argparse
-import asyncio
 import gc
 import json
 import signal
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.kit import server as server_kit
 from bench.kit.cli import Progress, add_model_args, add_publish_args, ints, logger, new_parser
 from bench.kit.data import REPO_ROOT, encodable, load_pairs, newest_version
 from bench.kit.engine import arrangement, describe, load_engine, throughput_sweep
@@ -25,9 +25,6 @@ from bench.kit.server import ServerProcess, ServerSpec
 from loadtest.workload import Pair
 from model_format.features import EncodedRequest, FeatureEncoder
 from model_format.manifest import Manifest, read_manifest
-
-LIVE: list[ServerProcess] = []  # every server this run started, stopped again at exit whatever happened
-
 
 
 def parser(name: str, doc: str | None) -> argparse.ArgumentParser:
@@ -93,19 +90,11 @@ def engine_limit(data: ModelData, threads: int, args: argparse.Namespace, log: P
             "by_batch": {bs: row["samples_per_s"] for bs, row in table["grouped"]["fp32"].items()}, "table": table}
 
 
-@asynccontextmanager
-async def serving(args: argparse.Namespace, name: str, flags: Sequence[str], log_name: str, log: Progress,
-                  label: str, workers: int = 1) -> AsyncIterator[ServerProcess]:
+def serving(args: argparse.Namespace, name: str, flags: Sequence[str], log_name: str, log: Progress, label: str,
+            workers: int = 1) -> AbstractAsyncContextManager[ServerProcess]:
     """`python -m server` with `flags`, its log in <out>/<name>/<log_name>, stopped on leaving."""
-    server = ServerProcess(ServerSpec(args.model_repo, args.server_cwd, flags, args.out / name / log_name,
-                                      workers=workers))
-    LIVE.append(server)  # before the start: a cancelled start may still leave a process behind
-    try:
-        await asyncio.to_thread(server.start)
-        log(f"{label}: server up in {server.start_seconds:.1f} s (pids {server.worker_pids()})")
-        yield server
-    finally:
-        await asyncio.to_thread(server.stop)
+    return server_kit.serving(ServerSpec(args.model_repo, args.server_cwd, flags, args.out / name / log_name,
+                                         workers=workers), log, label)
 
 
 def main(args: argparse.Namespace, name: str, measure: Callable[[argparse.Namespace, Progress], dict[str, Any]],
@@ -127,7 +116,6 @@ def main(args: argparse.Namespace, name: str, measure: Callable[[argparse.Namesp
             results.update(measure(args, log), elapsed_s=round(time.perf_counter() - t0, 1), args=vars(args))
         publish(args, name, results, markdown(results), [plot(results, out / f"{name}.png")], log)
     finally:
-        for server in LIVE:  # after asyncio.run has returned or raised (its threads joined)
-            server.stop()
+        server_kit.stop_all()
     log(f"done in {time.perf_counter() - t0:.0f} s; results in {out}/")
     return 0

@@ -14,7 +14,8 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -359,12 +360,28 @@ def rss_mib(pid: int) -> float:
     return 0.0
 
 
-def start_server(repo: Path, flags: Sequence[str], log_path: Path, progress: Callable[[str], None]) -> ServerProcess:
-    server = ServerProcess(ServerSpec(repo, extra=list(flags), log_path=log_path))
-    server.start()
-    progress(f"server up in {server.start_seconds:.1f} s (pid {server.pid}, RSS {rss_mib(server.pid):.0f} MiB): "
-             + " ".join(flags))
-    return server
+LIVE: list[ServerProcess] = []  # every server `serving` started: `stop_all` stops them at exit, whatever happened
+
+
+@asynccontextmanager
+async def serving(spec: ServerSpec, progress: Callable[[str], None], label: str = "server"
+                  ) -> AsyncIterator[ServerProcess]:
+    """A started server for the `async with` block, stopped on leaving (and by `stop_all` if that never ran)."""
+    server = ServerProcess(spec)
+    LIVE.append(server)  # before the start: a cancelled start may still leave a process behind
+    try:
+        await asyncio.to_thread(server.start)
+        progress(f"{label} up in {server.start_seconds:.1f} s (pids {server.worker_pids()}, RSS "
+                 f"{rss_mib(server.pid):.0f} MiB): " + " ".join(spec.extra))
+        yield server
+    finally:
+        await asyncio.to_thread(server.stop)
+
+
+def stop_all() -> None:
+    """Stops every server `serving` started (after asyncio.run has returned or raised: its threads joined)."""
+    for server in LIVE:
+        server.stop()
 
 
 _VERSION_LABEL = re.compile(r'version="(\d+)"')

@@ -22,7 +22,7 @@ from bench.kit.fmt import table, verdict
 from bench.kit.machine import machine, machine_line
 from bench.kit.publish import publish
 from bench.kit.rates import obtain_rate, rate_sentence
-from bench.kit.server import ServerProcess, per_version, start_server
+from bench.kit.server import ServerProcess, ServerSpec, per_version, serving
 from bench.kit.swap import Swap, hot_swap, temp_repo
 from bench.kit.timeline import Calls, Sample, Segment, chunk_line, plot_timeline, run_segments, sample
 
@@ -109,13 +109,10 @@ async def sustained(args: argparse.Namespace, name: str, *, poll_interval_s: flo
         log(f"data: {work.source}: {work.pairs} pairs; model {args.model}/{src.name} (hard-linked into {root})")
         flags = throughput_flags(args)
         ran = [*flags, "--poll-interval-s", f"{poll_interval_s:g}"]
-        server = await asyncio.to_thread(start_server, root, [*ran, "--log-level", log_level],
-                                         args.out / name / "server.log", log)
-        try:
+        spec = ServerSpec(root, extra=[*ran, "--log-level", log_level], log_path=args.out / name / "server.log")
+        async with serving(spec, log) as server:
             rate = await obtain_rate(server, work.requests, args, flags, log)
             yield Sustained(args, name, log, src, work, ran, server, rate, started)
-        finally:
-            await asyncio.to_thread(server.stop)
 
 
 def check(what: str, value: str, target: str, met: bool | None) -> dict[str, Any]:
