@@ -20,6 +20,18 @@ import pytest
 from model_format.repository import check_version
 from tests.helpers import REPO_ROOT, SmallModelFactory, build_small_model
 
+# Fixtures shared by the split test modules: registered here so every module gets them by name.
+from tests.k8s_helpers import built, flags  # noqa: F401
+from tests.model_format_helpers import (  # noqa: F401
+    demo_features,
+    demo_version,
+    tiny,
+    tiny_features,
+    tiny_graph,
+    tiny_manifest,
+    tiny_session,
+)
+
 DEMO_MODEL, DEMO_VERSION = "demo", 1
 ENV_MODEL_REPO = "SCORING_TEST_MODEL_REPO"
 

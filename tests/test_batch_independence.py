@@ -12,15 +12,9 @@ import onnxruntime as ort
 import pytest
 
 from model_format.features import EncodedRequest, FeatureEncoder, pad_batch
-from tests import model_format_helpers as mf
 from tests.helpers import cpu_session, qbqtc_pairs, run_graph
 from tests.model_format_helpers import BATCH_TOL, SYNTHETIC
 from tools.build_model.golden import TOLERANCE
-
-tiny, tiny_manifest, tiny_features, tiny_session = (  # fixtures
-    mf.tiny, mf.tiny_manifest, mf.tiny_features, mf.tiny_session)
-demo_version, demo_features = mf.demo_version, mf.demo_features  # fixtures
-
 
 # --- batch independence -------------------------------------------------------------------------
 

@@ -20,11 +20,8 @@ from model_format.features import (
     FeatureError,
     pad_batch,
 )
-from tests import model_format_helpers as mf
 from tests.helpers import small_vocab_entries
 from tools.build_model.graph import INPUT_NAMES
-
-tiny, tiny_manifest, tiny_features = mf.tiny, mf.tiny_manifest, mf.tiny_features  # fixtures
 
 
 def cjk_tokens(n: int, start: int = 0) -> str:

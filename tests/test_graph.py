@@ -15,15 +15,12 @@ from onnx import numpy_helper
 
 from model_format.features import UNKNOWN_ID, FeatureEncoder, pad_batch
 from model_format.manifest import MODEL_FILES, Manifest
-from tests import model_format_helpers as mf
 from tests.helpers import SMALL_HEAD_HIDDEN, SMALL_HIDDEN, SMALL_LOOKUP_DIMS, SmallModelFactory, run_graph
 from tests.model_format_helpers import BATCH_TOL, SYNTHETIC, feature_slices, id_inputs, initializer
 from tools.build_model.graph import INPUT_NAMES, OPSET, OUTPUT_NAMES
 
 NER_TOL = 1e-6
 
-tiny, tiny_manifest, tiny_features, tiny_session, tiny_graph = (  # fixtures
-    mf.tiny, mf.tiny_manifest, mf.tiny_features, mf.tiny_session, mf.tiny_graph)
 
 
 # --- the graph is O(1) in the number of heads ---------------------------------------------------

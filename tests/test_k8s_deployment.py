@@ -11,7 +11,6 @@ import json
 import re
 
 from server.app import LIVENESS
-from tests import k8s_helpers as k8s
 from tests.helpers import REPO_ROOT
 from tests.k8s_helpers import (
     BASE,
@@ -32,7 +31,6 @@ APP_LABELS = {"app.kubernetes.io/name": "scoring"}
 
 LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 
-built, flags = k8s.built, k8s.flags  # fixtures
 
 
 def test_help_parser_reads_every_flag(flags: Flags) -> None:

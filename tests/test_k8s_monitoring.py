@@ -16,13 +16,11 @@ import pytest
 import yaml
 
 from server.metrics import Metrics
-from tests import k8s_helpers as k8s
 from tests.k8s_helpers import BASE, EXTRAS, RULES, one, server_container
 from tests.k8s_render import Manifest, render
 
 REQUIRE_PROMETHEUS = os.environ.get("SCORING_REQUIRE_PROMETHEUS") == "1"  # set by `make test`
 
-built = k8s.built  # fixture
 
 
 def _series_names() -> set[str]:

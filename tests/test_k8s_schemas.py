@@ -17,7 +17,6 @@ import jsonschema
 import kubernetes_validate
 import pytest
 
-from tests import k8s_helpers as k8s
 from tests.k8s_helpers import BASE, EXTRAS, object_key, one
 from tests.k8s_render import Manifest, load_documents, render
 
@@ -25,7 +24,6 @@ from tests.k8s_render import Manifest, load_documents, render
 # newest whose schemas the pinned kubernetes-validate ships.
 KUBERNETES_VERSIONS = ("1.33.0", "1.37.0")
 
-built = k8s.built  # fixture
 
 
 _DURATION = {"type": "string",

@@ -11,10 +11,7 @@ import pytest
 
 from model_format.manifest import MANIFEST_NAME, Manifest, read_manifest
 from tests import helpers
-from tests import model_format_helpers as mf
 from tests.helpers import SMALL_ATTENTION_HEADS, SMALL_HEAD_HIDDEN, SmallModelFactory
-
-tiny, tiny_manifest = mf.tiny, mf.tiny_manifest  # fixtures
 
 
 def test_version_files_and_manifest(tiny: Path, tiny_manifest: Manifest) -> None:

@@ -16,7 +16,6 @@ from scipy.stats import spearmanr
 
 from model_format.features import EncodedRequest, FeatureEncoder, pad_batch
 from model_format.manifest import MODEL_FILES, Manifest
-from tests import model_format_helpers as mf
 from tests.helpers import QBQTC_MISSING, SmallModelFactory, cpu_session, qbqtc_pairs, run_graph
 from tests.model_format_helpers import feature_slices, id_inputs, initializer
 from tools.build_model.graph import INPUT_NAMES, OUTPUT_NAMES
@@ -40,8 +39,6 @@ def _cpu_has_vnni() -> bool:
 INT8_MIN_SPEARMAN_HERE = INT8_MIN_SPEARMAN if _cpu_has_vnni() else 0.98
 INT8_CHUNK = 64
 
-tiny, tiny_manifest, tiny_graph = mf.tiny, mf.tiny_manifest, mf.tiny_graph  # fixtures
-demo_version, demo_features = mf.demo_version, mf.demo_features  # fixtures
 
 
 # --- precision variants -------------------------------------------------------------------------

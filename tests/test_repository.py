@@ -24,10 +24,6 @@ from model_format.repository import (
     staging_dir,
 )
 from tests import helpers
-from tests import model_format_helpers as mf
-
-tiny = mf.tiny  # fixture
-
 
 # --- the repository: complete versions only -----------------------------------------------------
 
