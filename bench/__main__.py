@@ -27,7 +27,7 @@ import numpy as np
 from bench.kit import engine
 from bench.kit.cli import add_model_args, add_publish_args, floats, logger, new_parser
 from bench.kit.data import REPO_ROOT, newest_version
-from bench.kit.machine import machine_info
+from bench.kit.machine import arrangement, describe, machine_info
 from bench.kit.publish import publish
 from bench.kit.rates import SweepConfig, sweep
 from bench.kit.server import ServerSpec, server_flags, serving
@@ -155,7 +155,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         b = results["build"] = time_build(version_dir)
         log(f"  {'built' if b['ok'] else 'FAILED'} in {b['seconds']:.1f} s {b.get('file_mib', '')}")
 
-    engines: dict[str, engine.Engine] = {p: engine.load_engine(version_dir, manifest, p, *engine.arrangement(
+    engines: dict[str, engine.Engine] = {p: engine.load_engine(version_dir, manifest, p, *arrangement(
         args.threads)) for p in ("fp32", "int8") if p in manifest.precisions}
     log("sessions loaded: " + ", ".join(f"{p} {e.load_seconds:.1f} s" for p, e in engines.items()))
     rng = random.Random(3)
@@ -167,12 +167,12 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
     serve = not args.skip >= SERVER_STEPS
     if "engine" not in args.skip or serve:
-        log(f"raw engine throughput ({engine.describe(args.threads)}): batch sizes {args.batch_sizes}, "
+        log(f"raw engine throughput ({describe(args.threads)}): batch sizes {args.batch_sizes}, "
             f"{args.engine_rounds} round(s) of ≥ {args.engine_min_s} s each")
         e = results["engine"] = engine.throughput_sweep(engines, items, args.batch_sizes, rounds=args.engine_rounds,
                                                         min_seconds=args.engine_min_s, progress=log)
-        e["threads"], e["lanes"] = engine.arrangement(args.threads)
-        e["arrangement"] = engine.describe(args.threads)
+        e["threads"], e["lanes"] = arrangement(args.threads)
+        e["arrangement"] = describe(args.threads)
     fp32 = engines.pop("fp32")
     engines.clear()  # the int8 session's memory back before the server starts
     gc.collect()

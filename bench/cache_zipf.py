@@ -28,7 +28,8 @@ from bench.kit import run
 from bench.kit.cli import Progress, floats
 from bench.kit.rates import Step, SweepConfig, outcome, run_step, search, sweep, warm_up
 from bench.kit.run import ModelData, engine_limit, load_model_data, parse, parser, serving
-from bench.kit.server import metric_sum, server_flags
+from bench.kit.scrape import metric_sum
+from bench.kit.server import server_flags
 from bench.reports.cache_zipf import markdown, plot
 from loadtest.openloop import SCORE_METHOD, LoadConfig, run_open_loop
 from loadtest.workload import Pair

@@ -28,8 +28,8 @@ import grpc
 
 from bench.kit.cli import add_common_args, ints, logger, new_parser
 from bench.kit.data import load_pairs, newest_version
-from bench.kit.engine import Engine, Workload, arrangement, load_engine, make_workload, probe, throughput_sweep
-from bench.kit.machine import CpuMonitor, machine, tree_memory_mib
+from bench.kit.engine import Engine, Workload, load_engine, make_workload, probe, throughput_sweep
+from bench.kit.machine import CpuMonitor, arrangement, machine, tree_memory_mib
 from bench.kit.publish import publish
 from bench.kit.server import ServerProcess, ServerSpec, server_flags
 from bench.peers.procs import PeerProcess

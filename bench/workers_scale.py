@@ -23,7 +23,8 @@ from bench.kit import run
 from bench.kit.cli import Progress, floats
 from bench.kit.rates import Step, SweepConfig, outcome, run_step, search, warm_up
 from bench.kit.run import ModelData, engine_limit, load_model_data, parse, parser, serving
-from bench.kit.server import ServerProcess, metric_sum, server_flags
+from bench.kit.scrape import metric_sum
+from bench.kit.server import ServerProcess, server_flags
 from bench.reports.workers_scale import markdown, plot
 from loadtest.openloop import SCORE_METHOD
 from scoring.v1 import scoring_pb2

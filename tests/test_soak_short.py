@@ -18,7 +18,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from bench.kit.server import rss_mib, serving_versions
+from bench.kit.scrape import rss_mib, serving_versions
 from model_format.repository import check_version
 from scoring.v1 import scoring_pb2, scoring_pb2_grpc
 from tests.helpers import build_small_model

@@ -1,6 +1,7 @@
 """The benchmark kit: what every scenario shares, and nothing scenario-specific.
 
-- `server`: the real server as a subprocess (benchmarks and tests alike), its flags, /metrics readings;
+- `server`: the real server as a subprocess (benchmarks and tests alike), its flags, `serving` for a block;
+- `scrape`: what /metrics and /proc say (sums over labels, batch work between scrapes, serving versions, RSS);
 - `data`: query/title pairs and the serialized requests built from them;
 - `engine`: the raw ONNX Runtime engine, the limit every server number is a ratio of;
 - `rates`: the one rate search (`search`: open-loop steps judged by `loadtest.sweep.judge`, grid then bisection;
@@ -11,7 +12,7 @@
   load with sampling and hot swaps, publish) and their targets and section helpers;
 - `run`: what a scenario holding its own servers to the raw engine shares (cache_zipf, workers_scale): common
   flags, the model's inputs, the raw engine limit, servers stopped at exit (SIGTERM too), header to `publish`;
-- `machine`: the machine and who used its CPUs and memory;
+- `machine`: the machine, how runs are arranged on its cores, and who used its CPUs and memory;
 - `publish`: results.json, a tool's BENCHMARKS.md section and plots;
 - `cli`, `fmt`: the shared command line, progress lines and number formatting.
 

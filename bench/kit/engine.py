@@ -24,7 +24,6 @@ from bench.kit.machine import CpuMonitor
 from loadtest.openloop import serialize_requests
 from model_format.features import EncodedRequest, FeatureEncoder, FeatureError, pad_batch
 from model_format.manifest import Manifest
-from server.resources import cpu_limit
 
 Batch = dict[str, np.ndarray]
 
@@ -40,24 +39,6 @@ class Engine:
     def run(self, inputs: Batch) -> np.ndarray:
         scores: np.ndarray = self.session.run(["scores"], inputs)[0]
         return scores
-
-
-def arrangement(threads: int = 0) -> tuple[int, int]:
-    """(threads per run, lanes) as the server picks them on the CPU (server.runtime.ModelRuntime):
-    `threads` 0 = one thread per run and one lane per usable core."""
-    t = threads or 1
-    return t, max(1, cpu_limit() // t)
-
-
-def arrangement_flags(threads: int = 0) -> list[str]:
-    """The server flags for `arrangement(threads)`, so the server runs as the raw engine was measured."""
-    t, lanes = arrangement(threads)
-    return ["--intra-op-threads", str(t), "--engine-lanes", str(lanes)]
-
-
-def describe(threads: int = 0) -> str:
-    t, lanes = arrangement(threads)
-    return f"{lanes} lane{'s' if lanes > 1 else ''} x {t} intra-op thread{'s' if t > 1 else ''}"
 
 
 def load_engine(version_dir: Path, manifest: Manifest, precision: str, threads: int, lanes: int = 1) -> Engine:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.kit.data import REPO_ROOT
+from server.resources import cpu_limit
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -215,6 +216,24 @@ class ProcessTree:
         for pid in left:
             terminate(pid)
         return len(left)
+
+
+def arrangement(threads: int = 0) -> tuple[int, int]:
+    """(threads per run, lanes) as the server picks them on the CPU (server.runtime.ModelRuntime):
+    `threads` 0 = one thread per run and one lane per usable core."""
+    t = threads or 1
+    return t, max(1, cpu_limit() // t)
+
+
+def arrangement_flags(threads: int = 0) -> list[str]:
+    """The server flags for `arrangement(threads)`, so the server runs as the raw engine was measured."""
+    t, lanes = arrangement(threads)
+    return ["--intra-op-threads", str(t), "--engine-lanes", str(lanes)]
+
+
+def describe(threads: int = 0) -> str:
+    t, lanes = arrangement(threads)
+    return f"{lanes} lane{'s' if lanes > 1 else ''} x {t} intra-op thread{'s' if t > 1 else ''}"
 
 
 def machine_line(m: dict[str, Any]) -> str:

@@ -18,7 +18,8 @@ from bench.kit.cli import Progress
 from bench.kit.data import REPO_ROOT
 from bench.kit.fmt import num
 from bench.kit.machine import CpuMonitor
-from bench.kit.server import ServerProcess, batch_stats
+from bench.kit.scrape import batch_stats
+from bench.kit.server import ServerProcess
 from loadtest.openloop import LoadConfig, run_open_loop
 from loadtest.sweep import KEEP_UP, judge, next_rate
 

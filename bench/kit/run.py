@@ -18,8 +18,8 @@ from typing import Any
 from bench.kit import server as server_kit
 from bench.kit.cli import Progress, add_model_args, add_publish_args, ints, logger, new_parser
 from bench.kit.data import REPO_ROOT, encodable, load_pairs, newest_version
-from bench.kit.engine import arrangement, describe, load_engine, throughput_sweep
-from bench.kit.machine import machine, machine_line
+from bench.kit.engine import load_engine, throughput_sweep
+from bench.kit.machine import arrangement, describe, machine, machine_line
 from bench.kit.publish import publish
 from bench.kit.server import ServerProcess, ServerSpec
 from loadtest.workload import Pair

@@ -22,7 +22,8 @@ from bench.kit.fmt import table, verdict
 from bench.kit.machine import machine, machine_line
 from bench.kit.publish import publish
 from bench.kit.rates import obtain_rate, rate_sentence
-from bench.kit.server import ServerProcess, ServerSpec, per_version, serving
+from bench.kit.scrape import per_version
+from bench.kit.server import ServerProcess, ServerSpec, serving
 from bench.kit.swap import Swap, hot_swap, temp_repo
 from bench.kit.timeline import Calls, Sample, Segment, chunk_line, plot_timeline, run_segments, sample
 

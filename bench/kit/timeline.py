@@ -19,7 +19,8 @@ import numpy as np
 from bench.kit.fmt import ms
 from bench.kit.machine import CpuMonitor
 from bench.kit.publish import _shrink_png
-from bench.kit.server import ServerProcess, metric_sum, rss_mib, serving_versions
+from bench.kit.scrape import metric_sum, rss_mib, serving_versions
+from bench.kit.server import ServerProcess
 from bench.kit.swap import Swap
 from loadtest.openloop import LoadConfig, LoadResult, latency_summary, run_open_loop
 

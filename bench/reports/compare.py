@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from bench.kit.engine import arrangement, describe
 from bench.kit.fmt import mib, ms, num, pct, ratio, table, verdict
+from bench.kit.machine import arrangement, describe
 
 TARGET_RAW = 0.90  # this service's max throughput ≥ 90% of the raw engine's
 TARGET_RAY = 2.0  # … and ≥ 2× Ray Serve's
