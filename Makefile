@@ -16,7 +16,7 @@ PARITY_STAMP := $(VENV)/.parity-installed
 PROTOS := proto/scoring/v1/scoring.proto proto/scoring/v1/admin.proto
 STUBS := scoring/v1/scoring_pb2.py scoring/v1/scoring_pb2_grpc.py scoring/v1/admin_pb2.py scoring/v1/admin_pb2_grpc.py
 DEMO_MANIFEST := $(MODEL_REPO)/demo/1/manifest.json
-TYPED_DIRS := $(wildcard model_format server tools loadtest bench tests dashboards)
+TYPED_DIRS := $(wildcard model_format server scoring_client tools loadtest bench tests dashboards)
 
 .PHONY: serve test lint typecheck bench soak stubs demo venv clean prometheus-installed
 

@@ -174,6 +174,7 @@ class ScoringServer:
         self._shutting_down = True
         log.info("shutting down", extra={"event": "shutdown", "why": why, "grace_s": self.config.grace_period_s})
         await self.health.enter_graceful_shutdown()
+        self.servicer.shutting_down.set()
         if self.config.shutdown_delay_s:
             await asyncio.sleep(self.config.shutdown_delay_s)
         if self._admin is not None:

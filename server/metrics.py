@@ -170,15 +170,27 @@ class Metrics:
                                "Unix time of the last successful serving-version switch", ["model"], registry=r)
         self.heads = _HeadCollector()
         r.register(self.heads)
+        self._pv: dict[tuple[str, str], Counter] = {}
+        self._latency: dict[tuple[str, str], Histogram] = {}
 
     def for_version(self, model: str, version: int, srcids: Sequence[int], thresholds: np.ndarray) -> VersionMetrics:
         return VersionMetrics(self, model, version, srcids, thresholds)
 
+    # The labelled children are looked up once: `labels()` costs microseconds on every call otherwise.
     def count_pv(self, model: str, version: str, n: int = 1) -> None:
-        self.pv.labels(model, version).inc(n)
+        child = self._pv.get((model, version))
+        if child is None:
+            child = self._pv[(model, version)] = self.pv.labels(model, version)
+        child.inc(n)
 
     def count_lost(self, model: str, version: str, reason: LostReason, n: int = 1) -> None:
         self.lost.labels(model, version, reason.value).inc(n)
+
+    def observe_latency(self, model: str, method: str, seconds: float) -> None:
+        child = self._latency.get((model, method))
+        if child is None:
+            child = self._latency[(model, method)] = self.request_latency.labels(model, method)
+        child.observe(seconds)
 
     def init_version(self, model: str, version: int) -> None:
         """Creates a version's pv and lost series at zero so rate() sees the first increase."""

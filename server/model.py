@@ -21,6 +21,7 @@ from model_format.golden import check_golden
 from model_format.manifest import Head, Manifest
 from server.batcher import Batcher, BatcherConfig
 from server.metrics import Metrics
+from server.responses import ResponseEncoder
 from server.runtime import CUDA, ModelRuntime, RuntimeOptions
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ class LoadedModel:
         self.features = features
         self.srcids = manifest.srcids
         self.srcid_index = {s: i for i, s in enumerate(manifest.srcids)}
+        self.responses = ResponseEncoder(self.name, self.version, self.srcids)
         self._runtime = runtime
         self._batcher = batcher
         self._info = VersionInfo(name=self.name, version=self.version, heads=manifest.heads,

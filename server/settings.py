@@ -180,6 +180,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("--batch-overhead-tokens", _integer,
             "fixed cost of one engine run in padded tokens, for splitting the queue into batches (0 = by device)",
             _BATCH + "batch_overhead_tokens", lo=0),
+    Setting("--max-stream-inflight", _integer,
+            "ScoreStream: unanswered items one stream may hold; the server reads no further until one is answered",
+            "limits.max_stream_inflight", lo=1, hi=1 << 20),
     # gRPC takes message sizes as a C int.
     Setting("--max-message-bytes", _integer, "largest gRPC message accepted", "limits.max_message_bytes",
             lo=1, hi=2**31 - 1),

@@ -25,6 +25,7 @@ class RequestLimits:
     max_ner_tags: int = 32
     max_ner_tag_bytes: int = 128
     max_batch_items: int = 256
+    max_stream_inflight: int = 256  # ScoreStream: items read and not yet answered, per stream
     max_message_bytes: int = 4 * 1024 * 1024
     max_version: int = 10**18
 
