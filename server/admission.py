@@ -9,6 +9,8 @@ Four rules, in this order; a call is refused (QueueFull, answered RESOURCE_EXHAU
    expiring in the queue, and what is admitted waits a bounded time;
 4. the queued work exceeds what the call's deadline leaves: it would expire in the queue.
 An empty queue always admits (no starvation); rules 2-4 need a timed batch and `max_queue_wait_ms` > 0.
+Calls refused by rules 2-4 count as offered load for the standing-queue detector, except a caller
+coming straight back (server.standing_queue.COMEBACK_S).
 """
 
 from __future__ import annotations
@@ -20,6 +22,10 @@ from server.standing_queue import StandingQueue
 
 class QueueFull(Exception):
     """The queue cannot take these items now."""
+
+
+class _Held(Exception):
+    """Refused by the standing-queue rule (rule 3)."""
 
 
 class Admission:
@@ -65,8 +71,21 @@ class Admission:
         cfg = self.config
         if queued + items > cfg.max_queue_size:
             raise QueueFull(f"queue holds {queued} of {cfg.max_queue_size} items; {items} more do not fit")
-        # Refused work counts too: the offered load, not what admission let through.
-        self.standing.arrive(now, tokens + items * self.planner.cost.overhead / cfg.max_batch_size)
+        units = tokens + items * self.planner.cost.overhead / cfg.max_batch_size
+        try:
+            self._time_bounds(queued, queued_tokens, items, tokens, now, deadline)
+        except _Held as held:
+            self.standing.turned_away(now, units, by_hold=True)
+            raise QueueFull(str(held)) from None
+        except QueueFull:
+            self.standing.turned_away(now, units, by_hold=False)
+            raise
+        self.standing.arrive(now, units)
+
+    def _time_bounds(self, queued: int, queued_tokens: int, items: int, tokens: int, now: float,
+                     deadline: float | None) -> None:
+        """Rules 2-4."""
+        cfg = self.config
         if cfg.max_queue_wait_ms <= 0 or not queued:  # an empty queue always admits: no starvation
             return
         work = self.work_seconds(queued + items, queued_tokens + tokens, now)
@@ -77,8 +96,7 @@ class Admission:
         if work is None:
             return
         if work * 1000.0 > cfg.queue_target_ms and self.standing.overloaded:
-            self.standing.refused(now)
-            raise QueueFull(
+            raise _Held(
                 f"overloaded: batches have waited over {cfg.standing_wait_ms:.0f} ms for "
                 f"{cfg.queue_interval_ms:.0f} ms on end, and the queue holds ~{work * 1000.0:.0f} ms "
                 f"of engine work with these items, over the {cfg.queue_target_ms:.0f} ms target")

@@ -203,7 +203,7 @@ class Batcher:
                 now = loop.time()
                 batch, inputs = self._recheck(batch, inputs, now)
                 if batch:
-                    self.standing.batch_left(max(now - p.enqueued for p in batch), now, caught_up=self.idle)
+                    self._batch_left(batch, inputs, now)
                     self._running += 1
                     task = loop.create_task(self._execute(batch, inputs))
                     self._inflight.add(task)
@@ -235,6 +235,15 @@ class Batcher:
             return True
         await self._wait_change(remaining)
         return False
+
+    def _batch_left(self, batch: list[_Pending], inputs: dict[str, np.ndarray], now: float) -> None:
+        """Tells the standing-queue detector how long the batch waited and how much work stays queued,
+        in the cost units its arrivals are counted in."""
+        overhead = self.planner.cost.overhead
+        queued = self._queued_tokens + len(self._queue) * overhead // self.config.max_batch_size
+        units = self.planner.cost.total(len(batch), int(inputs["input_ids"].shape[1]))
+        self.standing.batch_left(max(now - p.enqueued for p in batch), now, caught_up=self.idle,
+                                 queued=queued, batch=units)
 
     def _set_queue(self, queue: list[_Pending]) -> None:
         self._queue = queue

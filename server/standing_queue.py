@@ -1,13 +1,19 @@
-"""Overload detection: the standing queue (CoDel's signal) and the offered load.
+"""Overload detection: the standing queue (CoDel's signal) that keeps growing, and the offered load.
 
-A burst may queue up to `max_queue_wait_ms`; a standing queue may not. It is declared once batches
-have left the queue after waiting over `standing_wait_ms` for `queue_interval_ms` on end, while more
-engine work arrived over the last ENTRY_WINDOWS intervals than the lanes run at full batches (the
-offered load, refused calls included, is at least 1). It ends once the admission rule it switches on
-has refused nothing for an interval, or the last interval's arrivals fit the engine at full batches.
+A burst may queue up to `max_queue_wait_ms`; a growing standing queue may not. It is declared once
+batches have left the queue after waiting over `standing_wait_ms` for `queue_interval_ms` on end,
+while the queued work grew over that time by more than the target and a batch's run (more than a
+fixed population of callers churns), and more engine work arrived over the last ENTRY_WINDOWS
+intervals than the lanes run at full batches (the offered load is at least 1). A queue that stands
+but does not grow is a fixed number of callers (a closed loop): refusing them would not lower the
+load, the refused call comes straight back, so it is left to the hard bound.
+It ends once the admission rule it switches on has refused nothing for an interval, or the last
+interval's arrivals fit the engine at full batches. A refused call counts as offered load unless it
+came within COMEBACK_S of the previous refusal (a caller coming straight back, not new work): else
+refusals would keep the rule on by themselves.
 While it stands, admission holds the queue at `queue_target_ms` (server.admission) and batches are
 cut to run within the target (server.batch_plan). Why: see BENCHMARKS.md, 'Batch width under a
-standing queue (CPU)'.
+standing queue (CPU)' and 'Closed loops and the standing-queue rule'.
 """
 
 from __future__ import annotations
@@ -21,6 +27,9 @@ from server.batch_plan import EngineSpeed
 log = logging.getLogger("server.batcher")  # its events are the batcher's, under the same logger name
 
 ENTRY_WINDOWS = 3  # whole intervals the offered load is averaged over before an overload is declared
+# A refusal this soon after the previous one is taken for a caller coming straight back: a refusal's round
+# trip on a LAN is well under it, while genuinely new work rarely lands in so short a gap.
+COMEBACK_S = 0.002
 
 
 @dataclass(slots=True)
@@ -68,6 +77,8 @@ class StandingQueue:
         self.arrivals = ArrivalWindow()
         self._overloaded = False
         self._long_since: float | None = None  # every batch since then left after waiting > standing_wait_ms
+        self._queued_then = 0  # cost units queued at _long_since
+        self._last_turned_away = -1.0  # when any rule last refused a call
         self._overload_since = 0.0
         self._last_refusal = 0.0  # when the rule last refused
 
@@ -77,12 +88,17 @@ class StandingQueue:
         return self._overloaded
 
     def arrive(self, now: float, units: float) -> None:
-        """Work offered now, in cost units, whether admitted or refused."""
+        """Work admitted now, in cost units."""
         self.arrivals.add(now, self.config.interval_s, units)
 
-    def refused(self, now: float) -> None:
-        """The rule refused a call: the overload is not quiet yet."""
-        self._last_refusal = now
+    def turned_away(self, now: float, units: float, by_hold: bool) -> None:
+        """A call of `units` was refused; `by_hold` when by the rule this detector switches on (then the
+        overload is not quiet yet). Offered load unless it looks like a caller coming straight back."""
+        if now - self._last_turned_away >= COMEBACK_S:
+            self.arrivals.add(now, self.config.interval_s, units)
+        self._last_turned_away = now
+        if by_hold:
+            self._last_refusal = now
 
     def offered_load(self, now: float, windows: int = 1) -> float:
         """Work that arrived (admitted or refused) in the last `windows` whole `queue_interval_ms`, as
@@ -97,13 +113,14 @@ class StandingQueue:
         units, seconds = self.arrivals.last(now, self.config.interval_s, windows)
         return units * seconds_per_unit / (seconds * self.lanes) if seconds > 0 else 0.0
 
-    def batch_left(self, oldest_wait: float, now: float, caught_up: bool) -> None:
-        """Called as a batch leaves the queue, with the wait of its oldest item; `caught_up` when that
-        batch empties the queue while no other runs. An overload starts after every leaving batch
-        waited over `standing_wait_ms` for `queue_interval_ms` (a caught-up engine voids that
-        evidence). It ends when the rule has not had to refuse anything for as long (`end_if_quiet`):
-        held at the target, waits stay short by construction, so they cannot be the signal, and an
-        emptied queue under overload is only the dispatcher taking all of a short queue at once."""
+    def batch_left(self, oldest_wait: float, now: float, caught_up: bool, queued: int = 0, batch: int = 0) -> None:
+        """Called as a batch of `batch` cost units leaves the queue, with the wait of its oldest item and
+        the `queued` cost units left behind; `caught_up` when that batch empties the queue while no
+        other runs. An overload starts after every leaving batch waited over `standing_wait_ms` for
+        `queue_interval_ms` while the queue grew (a caught-up engine voids that evidence). It ends when
+        the rule has not had to refuse anything for as long (`end_if_quiet`): held at the target,
+        waits stay short by construction, so they cannot be the signal, and an emptied queue under
+        overload is only the dispatcher taking all of a short queue at once."""
         if self.config.max_queue_wait_ms <= 0:
             return  # time bounds off: no standing-queue rule either
         if self._overloaded:
@@ -111,9 +128,18 @@ class StandingQueue:
         elif oldest_wait * 1000.0 <= self.config.standing_wait_ms or caught_up:
             self._long_since = None
         elif self._long_since is None:
-            self._long_since = now
-        elif now - self._long_since >= self.config.interval_s and self.offered_load(now, ENTRY_WINDOWS) >= 1.0:
+            self._long_since, self._queued_then = now, queued
+        elif (now - self._long_since >= self.config.interval_s and self._grew(queued, batch)
+              and self.offered_load(now, ENTRY_WINDOWS) >= 1.0):
             self._set(True, now)
+
+    def _grew(self, queued: int, batch: int) -> bool:
+        """The queued work grew since the long waits began by more than the target and a batch per
+        lane: more than the churn of a fixed population of callers (the batches running, and the
+        answered callers on their way back)."""
+        seconds_per_unit = self.speed.seconds_per_unit or 0.0
+        grown = (queued - self._queued_then) * seconds_per_unit / self.lanes
+        return grown > self.config.queue_target_ms / 1000.0 + batch * seconds_per_unit
 
     def end_if_quiet(self, now: float) -> None:
         """Overload ends once the rule has refused nothing for an interval, or the last interval's

@@ -43,8 +43,8 @@ def _overload(admission: Admission) -> None:
     standing = admission.standing
     for second in (0.0, 1.0, 2.0):
         standing.arrive(second, 1000.0)
-    standing.batch_left(0.3, 2.5, caught_up=False)
-    standing.batch_left(0.3, 3.5, caught_up=False)
+    standing.batch_left(0.3, 2.5, caught_up=False, queued=0)
+    standing.batch_left(0.3, 3.5, caught_up=False, queued=100)  # the queue grew by 200 ms of work
     assert standing.overloaded
 
 
@@ -119,12 +119,15 @@ def test_under_a_standing_queue_the_target_refuses_and_the_hold_ends_once_quiet(
     assert not admission.standing.overloaded
 
 
-def test_refused_calls_count_as_offered_load() -> None:
+def test_refused_calls_count_as_offered_load_unless_they_come_straight_back() -> None:
     admission = _admission()
     for second in range(3):
         # Each call is refused by the work bound, yet its units arrive: 30 tokens and its share of a
         # run's fixed cost at full batches (24 / 8), 33 units a call.
-        for _ in range(100):
-            assert _refusal(admission, queued=15, items=1, now=float(second), item_tokens=30) != ""
+        for k in range(100):
+            assert _refusal(admission, queued=15, items=1, now=second + k * 0.005, item_tokens=30) != ""
     # 100 x (30 + 24 / 8) units x 2 ms over each 1 s window.
     assert admission.standing.offered_load(3.0) == pytest.approx(100 * 33 * PER_UNIT)
+    for k in range(100):  # refused and straight back, every 0.5 ms: one call's worth
+        assert _refusal(admission, queued=15, items=1, now=3.0 + k * 0.0005, item_tokens=30) != ""
+    assert admission.standing.offered_load(4.0) == pytest.approx(33 * PER_UNIT)

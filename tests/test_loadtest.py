@@ -189,3 +189,17 @@ def test_sweep_cli(server: ServerProcess, tmp_path: Path) -> None:
     assert found["max_rate"] in [0.0, *(s["target_rate"] for s in found["steps"] if s["sustainable"])]
     assert "max sustainable rate" in done.stderr
     assert_png(out / "sweep.png")
+
+
+def test_a_closed_loop_of_64_whose_queue_fits_the_bound_is_not_refused(demo_repo: Path, tmp_path: Path) -> None:
+    """64 callers with one call each in flight (cache off, the time bounds on as in production): the
+    queue stands at up to 64 items, batches wait long, the engine runs flat out, and none of it is
+    overload. Every call is answered; before the standing-queue rule required a growing queue and
+    stopped counting callers coming straight back, most were refused."""
+    with run_server(demo_repo, "--cache-bytes", "0", "--max-queue-wait-ms", "1000") as server:
+        out = tmp_path / "closed64"
+        done = loadtest("--target", server.target, "--concurrency", "64", "--duration", "8", "--warmup", "2",
+                        "--synthetic", "500", "--out", str(out))
+        assert done.returncode == 0, done.stderr
+        summary = read_result(out)["summary"]
+    assert summary["status_codes"] == {"OK": summary["scheduled"]}, summary["status_codes"]

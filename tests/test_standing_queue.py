@@ -221,6 +221,11 @@ def _detector(config: BatcherConfig = DETECTOR, seconds_per_unit: float | None =
     return StandingQueue(config, EngineSpeed(seconds_per_unit), lanes=1)
 
 
+def _grown(now: float) -> int:
+    """Queued units of a queue growing by 100 units (1 s of work) a second."""
+    return int(now * 100)
+
+
 def _arrive(standing: StandingQueue, units_per_second: list[float], first: int = 0) -> None:
     for second, units in enumerate(units_per_second, start=first):
         standing.arrive(float(second), units)
@@ -232,13 +237,14 @@ def test_one_busy_interval_does_not_make_an_overload_but_three_do() -> None:
     metric (and the exit) read the last one."""
     standing = _detector()
     _arrive(standing, [80.0, 80.0, 130.0])  # one busy interval after two calm ones
-    standing.batch_left(0.3, 1.5, caught_up=False)  # batches have waited 300 ms since 1.5 s
-    standing.batch_left(0.3, 3.0, caught_up=False)  # ... for an interval: standing, the busy interval just closed
+    standing.batch_left(0.3, 1.5, caught_up=False, queued=_grown(1.5))  # batches have waited 300 ms since 1.5 s
+    # ... for an interval: standing, the busy interval just closed
+    standing.batch_left(0.3, 3.0, caught_up=False, queued=_grown(3.0))
     assert standing.offered_load(3.0) == pytest.approx(1.3)
     assert standing.offered_load(3.0, ENTRY_WINDOWS) == pytest.approx(290 / 300)
     assert not standing.overloaded, "one busy interval declared an overload"
     _arrive(standing, [130.0, 130.0, 130.0], first=3)
-    standing.batch_left(0.3, 6.0, caught_up=False)  # three busy intervals
+    standing.batch_left(0.3, 6.0, caught_up=False, queued=_grown(6.0))  # three busy intervals
     assert standing.overloaded, "three busy intervals with a standing queue declared none"
 
 
@@ -246,12 +252,12 @@ def test_short_waits_or_a_caught_up_engine_void_the_evidence() -> None:
     for wait, caught_up in [(0.05, False), (0.3, True)]:
         standing = _detector()
         _arrive(standing, [200.0, 200.0, 200.0])
-        standing.batch_left(0.3, 1.5, caught_up=False)
-        standing.batch_left(wait, 2.0, caught_up=caught_up)  # resets: the interval starts again
-        standing.batch_left(0.3, 2.6, caught_up=False)
-        standing.batch_left(0.3, 3.0, caught_up=False)
+        standing.batch_left(0.3, 1.5, caught_up=False, queued=_grown(1.5))
+        standing.batch_left(wait, 2.0, caught_up=caught_up, queued=_grown(2.0))  # resets: the interval starts again
+        standing.batch_left(0.3, 2.6, caught_up=False, queued=_grown(2.6))
+        standing.batch_left(0.3, 3.0, caught_up=False, queued=_grown(3.0))
         assert not standing.overloaded, (wait, caught_up)
-        standing.batch_left(0.3, 3.6, caught_up=False)  # an interval since 2.6
+        standing.batch_left(0.3, 3.6, caught_up=False, queued=_grown(3.6))  # an interval since 2.6
         assert standing.overloaded, (wait, caught_up)
 
 
@@ -270,11 +276,11 @@ def test_the_overload_ends_after_a_quiet_interval_or_once_arrivals_fit() -> None
     # Quiet: refusals stop. The offered load stays high, so only the quiet interval can end it.
     standing = _detector()
     _arrive(standing, [200.0] * 4)
-    standing.batch_left(0.3, 2.0, caught_up=False)
-    standing.batch_left(0.3, 3.0, caught_up=False)
+    standing.batch_left(0.3, 2.0, caught_up=False, queued=_grown(2.0))
+    standing.batch_left(0.3, 3.0, caught_up=False, queued=_grown(3.0))
     assert standing.overloaded
     standing.arrive(3.5, 200.0)
-    standing.refused(3.5)
+    standing.turned_away(3.5, 10.0, by_hold=True)
     standing.end_if_quiet(4.4)
     assert standing.overloaded
     standing.end_if_quiet(4.6)  # nothing refused since 3.5
@@ -282,14 +288,14 @@ def test_the_overload_ends_after_a_quiet_interval_or_once_arrivals_fit() -> None
     # Arrivals fit: refusals go on, but the last whole interval offered less than the lanes run.
     standing = _detector()
     _arrive(standing, [200.0] * 4)
-    standing.batch_left(0.3, 2.0, caught_up=False)
-    standing.batch_left(0.3, 3.0, caught_up=False)
+    standing.batch_left(0.3, 2.0, caught_up=False, queued=_grown(2.0))
+    standing.batch_left(0.3, 3.0, caught_up=False, queued=_grown(3.0))
     standing.arrive(4.0, 50.0)  # the interval from 3 s: 200 units, still over
-    standing.refused(4.0)
+    standing.turned_away(4.0, 0.0, by_hold=True)
     standing.end_if_quiet(4.05)
     assert standing.overloaded
     standing.arrive(5.0, 10.0)  # the interval from 4 s: 50 units, half of what the lane runs
-    standing.refused(5.0)
+    standing.turned_away(5.0, 0.0, by_hold=True)
     standing.end_if_quiet(5.05)
     assert not standing.overloaded
 
@@ -303,3 +309,95 @@ def test_the_arrival_window_counts_quiet_intervals_as_empty() -> None:
     assert window.last(3.5, 1.0, ENTRY_WINDOWS) == (15.0, 3.0)  # two quiet intervals since
     window.add(3.5, 1.0, 7.0)
     assert window.last(3.6, 1.0, ENTRY_WINDOWS) == (15.0, 3.0)
+
+
+async def _closed_loop(batcher: Batcher, clients: int, seconds: float) -> tuple[int, int]:
+    """`clients` callers, each sending its next item as soon as the last one is answered or refused
+    (as `python -m loadtest --concurrency` does): (answered, refused)."""
+    counts = [0, 0]
+    end = time.monotonic() + seconds
+
+    async def client() -> None:
+        while time.monotonic() < end:
+            try:
+                await batcher.submit([ITEM])[0]
+                counts[0] += 1
+            except QueueFull:
+                counts[1] += 1
+                await asyncio.sleep(0)  # straight back, as a real client's next call would be
+
+    await asyncio.gather(*(client() for _ in range(clients)))
+    return counts[0], counts[1]
+
+
+@pytest.mark.parametrize("lanes", [1, 2])
+def test_a_closed_loop_whose_queue_fits_the_bound_is_never_refused(lanes: int) -> None:
+    """12 callers with one call each in flight hold a queue of up to 12 items (600 ms of work on one
+    lane): it stands, batches wait far over `standing_wait_ms`, the engine runs flat out, yet the
+    queue cannot grow past 12 items, well under `max_queue_wait_ms`. Refusing would not lower the
+    load (the refused call comes straight back), only spend CPU on refusals: nothing is refused."""
+    async def scenario() -> tuple[int, int]:
+        batcher = Batcher(engine, CONFIG, lanes=lanes)
+        batcher.start()
+        await batcher.submit([ITEM])[0]
+        counts = await _closed_loop(batcher, clients=12, seconds=3.0)
+        await batcher.close()
+        return counts
+
+    answered, refused = asyncio.run(scenario())
+    assert refused == 0, f"{refused} refusals against {answered} answers"
+    assert answered >= 3.0 / RUN_S * lanes * 0.8  # and the engine ran flat out
+
+
+def test_a_standing_queue_that_does_not_grow_is_not_an_overload() -> None:
+    """A fixed population of callers (a closed loop) keeps the queue standing but no longer: waits
+    stay long and the engine is saturated, yet refusing would not lower the load."""
+    standing = _detector()
+    _arrive(standing, [110.0] * 4)
+    for now in (1.0, 1.5, 2.0, 2.5, 3.0, 3.5):
+        standing.batch_left(0.5, now, caught_up=False, queued=300 + (10 if now % 1 else 0), batch=10)
+    assert not standing.overloaded
+    standing.batch_left(0.5, 4.0, caught_up=False, queued=300 + 8 + 10 + 1, batch=10)  # target + a batch
+    assert standing.overloaded
+
+
+def test_a_refusal_that_comes_straight_back_is_not_offered_load_again() -> None:
+    standing = _detector()
+    for k in range(100):  # a caller refused and back every millisecond: one call's worth of work
+        standing.turned_away(0.5 + k * 0.001, 10.0, by_hold=False)
+    for k in range(10):  # ten callers refused 50 ms apart: ten calls
+        standing.turned_away(0.7 + k * 0.05, 10.0, by_hold=False)
+    assert standing.offered_load(1.5) == pytest.approx(110 * 0.01)
+
+
+def test_a_steady_open_loop_below_capacity_is_never_refused() -> None:
+    """Poisson arrivals at 90% of what full batches run, for 6 s, with the production rule's windows:
+    queues come and go (waits pass `standing_wait_ms` now and then), none of it is an overload."""
+    per_unit_s = 0.00025  # a batch of 8 items of 3 tokens: (24 + 24) units, 12 ms: 667 items/s
+    config = BatcherConfig(max_batch_size=8, max_queue_delay_ms=2, max_queue_wait_ms=1000, queue_target_ms=20,
+                           standing_wait_ms=30, queue_interval_ms=500, batch_overhead_tokens=24)
+
+    def timed_engine(inputs: dict[str, np.ndarray]) -> tuple[np.ndarray, float]:
+        b, seq = inputs["input_ids"].shape
+        elapsed = (24 + b * seq) * per_unit_s
+        time.sleep(elapsed)
+        return np.zeros((b, 2), np.float32), elapsed
+
+    async def scenario() -> list[tuple[float, float | None, str]]:
+        batcher = Batcher(timed_engine, config, lanes=1)
+        batcher.start()
+        await asyncio.gather(*batcher.submit([ITEM] * 8))
+        rng = np.random.default_rng(3)
+        outcomes: list[tuple[float, float | None, str]] = []
+        tasks = []
+        end = time.monotonic() + 6.0
+        while time.monotonic() < end:
+            tasks.append(asyncio.create_task(_one(batcher, outcomes)))
+            await asyncio.sleep(rng.exponential(1.0 / (0.9 * 667)))
+        await asyncio.gather(*tasks)
+        await batcher.close()
+        return outcomes
+
+    outcomes = asyncio.run(scenario())
+    refused = [o[2] for o in outcomes if o[1] is None]
+    assert not refused, f"{len(refused)} of {len(outcomes)} refused, e.g. {refused[0]}"
