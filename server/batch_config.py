@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
-# On the CPU, fp32 and int8 throughput of one single-threaded run per core peak at batch 8 (see
-# BENCHMARKS.md, 'Raw ONNX Runtime throughput'); a GPU needs wide batches to fill.
-CPU_MAX_BATCH_SIZE = 8
+# How many items a batch takes follows its cost (server.batch_plan.BatchCost), within these caps: on the
+# CPU a batch may be as wide as keeps a run's fixed cost under OVERHEAD_SHARE of the run (short queries
+# go 30 wide, pairs about 6; see BENCHMARKS.md, 'Batch width by cost'); a GPU needs wide batches to fill.
+CPU_MAX_BATCH_SIZE = 64
 GPU_MAX_BATCH_SIZE = 64
-# Fixed cost of one engine run, in padded-token equivalents: fitted to `make bench`'s raw engine table
-# (batch 1 against batch 16, length-grouped; see BENCHMARKS.md, 'Raw ONNX Runtime throughput'). On a GPU
-# a run's fixed cost dominates, so batches are filled regardless (not yet measured: BENCHMARKS.md, 'GPU').
+OVERHEAD_SHARE = 0.08
+MAX_BATCH_TOKENS = 8192  # batch size x padded length, whatever the cost model says
+# Fixed cost of one engine run, in padded-token equivalents, when it cannot be measured: each loaded
+# version measures its own at warm-up (ModelRuntime.measure_overhead_tokens) unless one is set. On a
+# GPU a run's fixed cost dominates, so batches are filled regardless.
 CPU_BATCH_OVERHEAD_TOKENS = 24
 GPU_BATCH_OVERHEAD_TOKENS = 4096
 
@@ -18,7 +22,7 @@ GPU_BATCH_OVERHEAD_TOKENS = 4096
 @dataclass(frozen=True)
 class BatcherConfig:
     max_batch_size: int = 0  # 0 = by device: CPU_MAX_BATCH_SIZE or GPU_MAX_BATCH_SIZE
-    max_batch_tokens: int = 8192  # batch size x padded length
+    max_batch_tokens: int = 0  # batch size x padded length; 0 = by cost (see OVERHEAD_SHARE)
     max_queue_delay_ms: float = 2.0
     max_queue_size: int = 1024  # items waiting, not counting the batch on the engine
     max_queue_wait_ms: float = 1000.0  # estimated engine time queued before refusing (0 = no time bounds)
@@ -36,8 +40,8 @@ class BatcherConfig:
     batch_overhead_tokens: int = 0  # 0 = by device; see server.batch_plan.BatchCost
 
     def __post_init__(self) -> None:
-        if self.max_batch_size < 0 or self.max_queue_size < 1 or self.max_batch_tokens < 1:
-            raise ValueError("batch size must not be negative; queue size and token budget must be positive")
+        if self.max_batch_size < 0 or self.max_queue_size < 1 or self.max_batch_tokens < 0:
+            raise ValueError("batch size and token budget must not be negative; queue size must be positive")
         if min(self.max_queue_delay_ms, self.max_queue_wait_ms, self.batch_overhead_tokens, self.queue_target_ms,
                self.standing_wait_ms, self.queue_interval_ms) < 0:
             raise ValueError("max_queue_delay_ms, max_queue_wait_ms, queue_target_ms, standing_wait_ms, "
@@ -48,11 +52,15 @@ class BatcherConfig:
         """`queue_interval_ms` in seconds: the window of the standing-queue rule and the offered load."""
         return self.queue_interval_ms / 1000.0
 
-    def for_device(self, on_gpu: bool) -> BatcherConfig:
-        """Fills the by-device defaults (0) for the engine this batcher will feed."""
+    def for_device(self, on_gpu: bool, measured_overhead: int | None = None) -> BatcherConfig:
+        """Fills the defaults (0) for the engine this batcher will feed: the fixed cost of a run as set,
+        else as measured on the engine, else the device's; the token budget from that cost."""
+        overhead = (self.batch_overhead_tokens or measured_overhead
+                    or (GPU_BATCH_OVERHEAD_TOKENS if on_gpu else CPU_BATCH_OVERHEAD_TOKENS))
+        by_cost = math.ceil(overhead * (1.0 - OVERHEAD_SHARE) / OVERHEAD_SHARE)
         return replace(
             self,
             max_batch_size=self.max_batch_size or (GPU_MAX_BATCH_SIZE if on_gpu else CPU_MAX_BATCH_SIZE),
-            batch_overhead_tokens=self.batch_overhead_tokens
-            or (GPU_BATCH_OVERHEAD_TOKENS if on_gpu else CPU_BATCH_OVERHEAD_TOKENS),
+            batch_overhead_tokens=overhead,
+            max_batch_tokens=self.max_batch_tokens or min(MAX_BATCH_TOKENS, by_cost),
         )

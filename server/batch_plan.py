@@ -12,7 +12,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from server.batch_config import BatcherConfig
+from server.batch_config import MAX_BATCH_TOKENS, BatcherConfig
 
 # The optimal split is computed over at most this many queued items nearest the oldest in length:
 # O(window x max_batch_size) Python steps per batch. A queue bounded by `max_queue_wait_ms` rarely
@@ -74,6 +74,7 @@ class BatchPlanner:
         self.config = config
         self.speed = speed
         self.cost = BatchCost(config.batch_overhead_tokens)
+        self.max_tokens = config.max_batch_tokens or MAX_BATCH_TOKENS  # 0: not yet by cost (BatcherConfig.for_device)
 
     def token_budget(self, overloaded: bool) -> int:
         """The token budget of the next batch: `max_batch_tokens`, and, under a standing queue, no
@@ -83,9 +84,9 @@ class BatchPlanner:
         cfg = self.config
         seconds_per_unit = self.speed.seconds_per_unit
         if not overloaded or cfg.queue_target_ms <= 0 or seconds_per_unit is None:
-            return cfg.max_batch_tokens
+            return self.max_tokens
         units = cfg.queue_target_ms / 1000.0 / seconds_per_unit
-        return max(1, min(cfg.max_batch_tokens, int(units) - self.cost.overhead))
+        return max(1, min(self.max_tokens, int(units) - self.cost.overhead))
 
     def batches_for(self, items: int, tokens: int, overloaded: bool) -> int:
         """How many runs `items` queued items of `tokens` tokens in all take, as the planner cuts them."""

@@ -103,7 +103,7 @@ class Batcher:
         on_batch: Callable[[BatchStats], None] = _no_stats,
         lanes: int = 1,
     ) -> None:
-        if config.max_batch_size == 0 or config.batch_overhead_tokens == 0:
+        if 0 in (config.max_batch_size, config.batch_overhead_tokens, config.max_batch_tokens):
             config = config.for_device(on_gpu=False)
         self.config = config
         self.name = name

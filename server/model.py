@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +48,8 @@ class VersionInfo:
     precision: str
     provider: str  # the ONNX Runtime execution provider
     lanes: int  # batches its engine runs at once
+    batch_overhead_tokens: int  # the fixed cost of one run, as set or as measured at warm-up
+    max_batch_tokens: int  # the widest batch, in padded tokens
     max_seq_len: int
     bottom_fingerprint: str
     loaded_at: float  # Unix time
@@ -71,6 +73,8 @@ class LoadedModel:
         self._batcher = batcher
         self._info = VersionInfo(name=self.name, version=self.version, heads=manifest.heads,
                                  precision=runtime.precision, provider=runtime.provider, lanes=batcher.lanes,
+                                 batch_overhead_tokens=batcher.config.batch_overhead_tokens,
+                                 max_batch_tokens=batcher.config.max_batch_tokens,
                                  max_seq_len=manifest.max_seq_len, bottom_fingerprint=manifest.bottom_fingerprint,
                                  loaded_at=loaded_at)
 
@@ -81,14 +85,20 @@ class LoadedModel:
         the event loop. Raises on any failure: such a version must never serve."""
         features = FeatureEncoder(path, manifest)
         runtime = ModelRuntime(path, manifest, options)
-        config = config.for_device(on_gpu=runtime.provider == CUDA)
+        wanted = config
+        on_gpu = runtime.provider == CUDA
+        config = config.for_device(on_gpu)
         runtime.set_batch_limit(config.max_batch_size)
+        if not wanted.batch_overhead_tokens:  # not set: this engine's own (the fastest of a few runs)
+            config = replace(wanted, batch_overhead_tokens=runtime.measure_overhead_tokens()).for_device(on_gpu)
         seconds = runtime.warm_up(runtime.warm_up_shapes(warm_up_shapes(manifest, config)))
         golden_diff = check_golden(path, manifest, features, runtime)
         log.info("model warmed", extra={"event": "model_warmed", "model": manifest.model,
                                         "version": manifest.version, "seconds": round(seconds, 3),
                                         "provider": runtime.provider, "precision": runtime.precision,
                                         "threads": runtime.threads, "lanes": runtime.lanes,
+                                        "batch_overhead_tokens": config.batch_overhead_tokens,
+                                        "max_batch_tokens": config.max_batch_tokens,
                                         "golden_max_abs_diff": golden_diff})
         thresholds = np.array([h.threshold for h in manifest.heads], np.float32)
         version_metrics = metrics.for_version(manifest.model, manifest.version, manifest.srcids, thresholds)

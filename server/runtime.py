@@ -77,6 +77,7 @@ class CoreBudget:
 _CPU_CORES = CoreBudget(cpu_limit())
 
 LENGTH_STEP = 16
+MAX_OVERHEAD_TOKENS = 8192  # a measured fixed cost is clamped to this (a GPU's wide runs cost about nothing more)
 INPUTS = ("input_ids", "attention_mask", "token_type_ids", "site_id", "ner_ids", "industry_id")
 
 
@@ -253,25 +254,41 @@ class ModelRuntime:
         scores: np.ndarray = binding.copy_outputs_to_cpu()[0]
         return scores
 
+    def measure_overhead_tokens(self, length: int = 16, wide: int = 8, repeats: int = 5) -> int:
+        """The fixed cost of one run in padded-token equivalents, from the fastest of `repeats` runs of
+        1 and of `wide` items of `length` tokens: t = (overhead + size x length) x seconds per token."""
+        one = min(self._timed_dummy(1, length) for _ in range(repeats))
+        many = min(self._timed_dummy(wide, length) for _ in range(repeats))
+        per_token = (many - one) / ((wide - 1) * length)
+        if per_token <= 0:  # wider is no slower: the fixed cost is all there is (a GPU)
+            return MAX_OVERHEAD_TOKENS
+        return max(1, min(MAX_OVERHEAD_TOKENS, round(one / per_token - length)))
+
+    def _timed_dummy(self, batch: int, length: int) -> float:
+        return self.run_timed(_dummy_inputs(batch, length))[1]
+
     def warm_up(self, shapes: list[tuple[int, int]]) -> float:
         """Runs every (batch, length) shape once so the first real requests pay no allocation cost."""
         t0 = time.perf_counter()
         for batch, length in shapes:
-            ids = np.full((batch, length), 100, np.int64)
-            ids[:, 0] = 1
-            inputs = {
-                "input_ids": ids,
-                "attention_mask": np.ones((batch, length), np.int64),
-                "token_type_ids": np.zeros((batch, length), np.int64),
-                "site_id": np.zeros((batch,), np.int64),
-                "ner_ids": np.zeros((batch, 1), np.int64),
-                "industry_id": np.zeros((batch,), np.int64),
-            }
-            scores = self.run(inputs)
+            scores = self.run(_dummy_inputs(batch, length))
             if scores.shape != (batch, self.num_heads) or not np.all(np.isfinite(scores)):
                 raise EngineError(f"warm-up batch {batch}x{length} gave scores of shape {scores.shape} "
                                     "or non-finite values")
         return time.perf_counter() - t0
+
+
+def _dummy_inputs(batch: int, length: int) -> dict[str, np.ndarray]:
+    ids = np.full((batch, length), 100, np.int64)
+    ids[:, 0] = 1
+    return {
+        "input_ids": ids,
+        "attention_mask": np.ones((batch, length), np.int64),
+        "token_type_ids": np.zeros((batch, length), np.int64),
+        "site_id": np.zeros((batch,), np.int64),
+        "ner_ids": np.zeros((batch, 1), np.int64),
+        "industry_id": np.zeros((batch,), np.int64),
+    }
 
 
 class _CudaGraphSlot:

@@ -5,11 +5,12 @@ longer than the target."""
 from __future__ import annotations
 
 import itertools
+import math
 import random
 from dataclasses import replace
 from typing import Any
 
-from server.batch_config import BatcherConfig
+from server.batch_config import OVERHEAD_SHARE, BatcherConfig
 from server.batch_plan import PLAN_WINDOW, BatchCost, BatchPlanner, EngineSpeed
 
 
@@ -50,7 +51,7 @@ def test_short_queries_are_not_padded_to_long_titles() -> None:
 
 
 def _planner(seconds_per_unit: float | None = None, **config: Any) -> BatchPlanner:
-    cfg = replace(BatcherConfig(max_batch_size=16, batch_overhead_tokens=24), **config)
+    cfg = replace(BatcherConfig(max_batch_size=16, batch_overhead_tokens=24, max_batch_tokens=8192), **config)
     return BatchPlanner(cfg, EngineSpeed(seconds_per_unit))
 
 
@@ -98,3 +99,18 @@ def test_engine_speed_is_smoothed_over_batches() -> None:
     assert speed.seconds_per_unit == 0.01
     speed.observe(0.06)  # one slow batch moves the estimate a fifth of the way
     assert speed.seconds_per_unit is not None and abs(speed.seconds_per_unit - 0.02) < 1e-12
+
+
+def test_batch_width_follows_cost_short_queries_go_wide() -> None:
+    """By cost (`max_batch_tokens` 0): a batch is as wide as keeps the fixed cost under OVERHEAD_SHARE of
+    the run: with 24 tokens of fixed cost, 276 padded tokens. 8-token queries run 34 at a time, 34-token
+    pairs 8 (the old fixed cap), 128-token items 2; `max_batch_size` still caps."""
+    config = BatcherConfig(batch_overhead_tokens=24).for_device(on_gpu=False)
+    assert config.max_batch_tokens == math.ceil(24 * (1 - OVERHEAD_SHARE) / OVERHEAD_SHARE) == 276
+    planner = BatchPlanner(config, EngineSpeed())
+    assert [len(planner.next_batch([n] * 80, overloaded=False)) for n in (8, 34, 128)] == [34, 8, 2]
+    capped = BatchPlanner(replace(config, max_batch_size=16), EngineSpeed())
+    assert len(capped.next_batch([8] * 80, overloaded=False)) == 16
+    # A measured fixed cost stands in for the device's when none is set; a set one wins.
+    assert BatcherConfig().for_device(on_gpu=False, measured_overhead=40).batch_overhead_tokens == 40
+    assert BatcherConfig(batch_overhead_tokens=12).for_device(False, measured_overhead=40).batch_overhead_tokens == 12

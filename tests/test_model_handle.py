@@ -56,6 +56,10 @@ def test_the_handle_scores_like_the_graph_and_answers_everything_queued_before_c
     assert (info.name, info.version) == (manifest.model, manifest.version)
     assert [h.srcid for h in info.heads] == list(handle.srcids) and len(info.heads) == 3
     assert (info.precision, info.provider) == ("fp32", "CPUExecutionProvider")
+    # Not set: the fixed cost of a run was measured on this engine, and the widest batch follows it.
+    assert 1 <= info.batch_overhead_tokens <= 8192
+    assert info.max_batch_tokens == BatcherConfig(batch_overhead_tokens=info.batch_overhead_tokens).for_device(
+        on_gpu=False).max_batch_tokens
     assert info.lanes >= 1 and info.max_seq_len == manifest.max_seq_len and info.loaded_at > 0
     assert handle.srcid_index == {s: i for i, s in enumerate(manifest.srcids)}
     batches = sum(s.value for m in metrics.batch_size.collect() for s in m.samples if s.name.endswith("_count"))
@@ -75,3 +79,10 @@ def test_a_version_whose_golden_requests_disagree_never_becomes_a_handle(
     with pytest.raises(GoldenMismatch, match="golden scores differ"):
         LoadedModel.load(version_dir, read_manifest(version_dir), RuntimeOptions(device="cpu"), BatcherConfig(),
                          Metrics())
+
+
+def test_a_set_batch_overhead_is_used_as_set(small_model_factory: SmallModelFactory) -> None:
+    version_dir = small_model_factory(num_heads=3, seed=5)
+    handle = LoadedModel.load(version_dir, read_manifest(version_dir), RuntimeOptions(device="cpu"),
+                              BatcherConfig(batch_overhead_tokens=40, max_batch_tokens=300), Metrics())
+    assert (handle.info().batch_overhead_tokens, handle.info().max_batch_tokens) == (40, 300)
