@@ -121,7 +121,7 @@ class Batcher:
         self._closed = False
         self._executor = ThreadPoolExecutor(max_workers=self.lanes, thread_name_prefix=f"ort-{name}")
         self._task: asyncio.Task[None] | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # set by start: its clock is the queue's
         self._inflight: set[asyncio.Task[None]] = set()
         self.batches_run = 0
 
@@ -144,6 +144,12 @@ class Batcher:
         """See StandingQueue.offered_load; `now` on the event-loop clock."""
         return self.standing.offered_load(now, windows)
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop the batcher runs on (the running one before `start`). Kept: on Python 3.11
+        each `asyncio.get_running_loop()` is a getpid() system call."""
+        return self._loop or asyncio.get_running_loop()
+
     def current_offered_load(self) -> float:
         """`offered_load` now, for the metrics endpoint (on its own thread; reads only)."""
         return self.offered_load(self._loop.time()) if self._loop is not None else 0.0
@@ -160,7 +166,7 @@ class Batcher:
         item's score row [N]."""
         if self._closed:
             raise BatcherClosed(f"{self.name} is draining")
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         now = loop.time()
         tokens = sum(it.length for it in items)
         self.admission.admit(len(self._queue), self._queued_tokens, len(items), tokens, now, deadline)

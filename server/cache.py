@@ -143,7 +143,7 @@ class CachingScheduler:
         if self.cache is None:
             return model.submit(items, deadline)
         assert self.metrics is not None
-        loop = asyncio.get_running_loop()
+        loop = model.loop
         keys = [(model.name, model.version, item) for item in items]
         results: list[asyncio.Future[np.ndarray] | None] = [None] * len(items)
         fresh: dict[CacheKey, list[int]] = {}
@@ -185,7 +185,7 @@ class CachingScheduler:
         """A future for one caller of an in-flight item; cancelling it withdraws only this caller."""
         flight = self._inflight[key]
         flight.waiters += 1
-        mine: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
+        mine: asyncio.Future[np.ndarray] = flight.model.loop.create_future()
         flight.followers.append((mine, deadline))
         mine.add_done_callback(functools.partial(self._left, key))
         return mine
@@ -219,7 +219,7 @@ class CachingScheduler:
             return
         if isinstance(exc, DeadlineExpired):
             # The first caller's deadline passed; followers with time left queue the item again.
-            now = asyncio.get_running_loop().time()
+            now = flight.model.loop.time()
             alive = [(f, d) for f, d in waiting if d is None or d > now]
             for f, d in waiting:
                 if d is not None and d <= now:

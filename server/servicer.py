@@ -187,7 +187,7 @@ class ScorerServicer:
         ledger.labels = [(model.name, str(model.version))]
         ledger.arrive()
         item = self.encode(req, model)
-        deadline = self.item_deadline(context, req.timeout_ms, asyncio.get_running_loop().time())
+        deadline = self.item_deadline(context, req.timeout_ms, model.loop.time())
         (row,) = await self._results(self.submit(model, [item], deadline))
         return model.responses.encode(row, req.srcids, model.srcid_index), model.name
 
@@ -229,7 +229,7 @@ class ScorerServicer:
         groups: dict[tuple[int, int], list[int]] = {}
         for i, m in enumerate(models):
             groups.setdefault((id(m), requests[i].timeout_ms), []).append(i)
-        now = asyncio.get_running_loop().time()
+        now = models[0].loop.time()
         futures: list[asyncio.Future[np.ndarray]] = [None] * len(items)  # type: ignore[list-item]
         try:
             for (_, timeout_ms), idx in groups.items():

@@ -115,7 +115,7 @@ class ScoreStreamCall:
             labels, counted = (model.name, str(model.version)), True
             self.metrics.count_pv(*labels)
             encoded = s.encode(req, model)
-            deadline = s.item_deadline(self.context, req.timeout_ms, asyncio.get_running_loop().time())
+            deadline = s.item_deadline(self.context, req.timeout_ms, model.loop.time())
             (future,) = s.submit(model, [encoded], deadline)
         except Rejection as rej:
             self._reject(request_id, labels, counted, rej)

@@ -38,7 +38,7 @@ def _check_text(field: str, value: str, limit: int) -> None:
 
 def validate_and_encode(req: scoring_pb2.ScoreRequest, model: LoadedModel, limits: RequestLimits) -> EncodedRequest:
     """Checks a request against the limits and the model, and encodes it."""
-    query, title, site, industry, ner = req.query, req.title, req.site, req.industry, list(req.ner)
+    query, title, site, industry, ner = req.query, req.title, req.site, req.industry, tuple(req.ner)
     if not query.strip():
         raise InvalidRequest("query is empty or blank")
     _check_text("query", query, limits.max_query_bytes)
@@ -51,7 +51,7 @@ def validate_and_encode(req: scoring_pb2.ScoreRequest, model: LoadedModel, limit
         _check_text(f"ner[{i}]", tag, limits.max_ner_tag_bytes)
     check_srcids(list(req.srcids), model)
     try:
-        return model.features.encode(query, title or None, site or None, ner, industry or None)
+        return model.encode(query, title or None, site or None, ner, industry or None)
     except FeatureError as exc:
         raise InvalidRequest(str(exc)) from exc
 
