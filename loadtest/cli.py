@@ -16,6 +16,7 @@ from typing import Any
 
 import grpc
 
+from loadtest.callers import STREAM_METHOD
 from loadtest.closedloop import ClosedLoopConfig, run_closed_loop
 from loadtest.openloop import SCORE_METHOD, LoadConfig, RunResult, run_open_loop, serialize_requests
 from loadtest.sweep import KEEP_UP, find_max_rate
@@ -87,7 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-requests", type=int, default=None, metavar="N",
                    help="use at most the first N rows of --workload")
     p.add_argument("--method", metavar="/PKG.SERVICE/METHOD", default=SCORE_METHOD,
-                   help=f"full gRPC method name (default {SCORE_METHOD})")
+                   help=f"full gRPC method name (default {SCORE_METHOD}); {STREAM_METHOD} sends each request as "
+                        "an item on --streams bidirectional streams, its answer's status counted as a call's")
+    p.add_argument("--streams", type=int, default=4, metavar="N",
+                   help="ScoreStream calls the items share (with --method .../ScoreStream; default 4)")
     p.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE",
                    help="metadata sent with every call, repeatable (e.g. application=scoring for Ray Serve's "
                         "gRPC proxy); keys are lower-cased; values never reach result.json")
@@ -249,6 +253,7 @@ async def run(args: argparse.Namespace, say: Progress) -> dict[str, Any]:
                 channel, requests, p99_objective_ms=args.p99_objective_ms, start_rate=args.rate or 10.0,
                 step_s=args.duration, timeout_s=args.timeout, refine=args.refine, metadata=args.metadata,
                 method=args.method, arrival=args.arrival, max_rate=args.max_rate, warmup_s=args.warmup,
+                streams=args.streams,
                 seed=args.seed, progress=say)
             doc["sweep"] = found
             doc["plots"] = [plot_sweep(found, args.out / SWEEP_PNG, f"{args.target} {args.method}").name]
@@ -276,7 +281,8 @@ async def measured_run(channel: grpc.aio.Channel, requests: list[bytes], args: a
     if args.concurrency is not None:
         def closed(duration_s: float, seed: int, window: float | None) -> ClosedLoopConfig:
             return ClosedLoopConfig(concurrency=args.concurrency, duration_s=duration_s, timeout_s=args.timeout,
-                                    warmup_s=window, method=args.method, seed=seed, metadata=args.metadata)
+                                    warmup_s=window, method=args.method, seed=seed, metadata=args.metadata,
+                                    streams=args.streams)
         if args.warmup > 0:
             say(f"warm-up: {args.warmup:g} s, {args.concurrency} workers (not measured)")
             warm = await run_closed_loop(channel, requests, closed(args.warmup, args.seed + 1, None))
@@ -287,7 +293,8 @@ async def measured_run(channel: grpc.aio.Channel, requests: list[bytes], args: a
 
     def open_(duration_s: float, seed: int, window: float | None) -> LoadConfig:
         return LoadConfig(rate=args.rate, duration_s=duration_s, arrival=args.arrival, timeout_s=args.timeout,
-                          warmup_s=window, method=args.method, seed=seed, metadata=args.metadata)
+                          warmup_s=window, method=args.method, seed=seed, metadata=args.metadata,
+                          streams=args.streams)
     if args.warmup > 0:
         say(f"warm-up: {args.warmup:g} s at {args.rate:g}/s (not measured)")
         _warn_warmup(await run_open_loop(channel, requests, open_(args.warmup, args.seed + 1, None)), say)

@@ -21,6 +21,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from loadtest.callers import open_caller
 from loadtest.openloop import SCORE_METHOD, RunResult, check_run_config, default_window_start, rusage_self
 
 
@@ -33,6 +34,7 @@ class ClosedLoopConfig:
     method: str = SCORE_METHOD
     seed: int = 0
     metadata: tuple[tuple[str, str], ...] = ()  # sent with every call
+    streams: int = 4  # ScoreStream calls the items share, when `method` is loadtest.callers.STREAM_METHOD
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -61,8 +63,7 @@ async def run_closed_loop(channel: grpc.aio.Channel, requests: Sequence[bytes], 
     if not requests:
         raise ValueError("no requests to send")
     rng = np.random.default_rng(config.seed)
-    call = channel.unary_unary(config.method, request_serializer=None, response_deserializer=None)
-    call_metadata = tuple(config.metadata) or None
+    send, close = open_caller(channel, config.method, config.timeout_s, config.metadata, config.streams)
     # Appended in completion order; a worker's tuple is (sent, done, code) in seconds from the start.
     records: list[tuple[float, float, str]] = []
 
@@ -73,10 +74,7 @@ async def run_closed_loop(channel: grpc.aio.Channel, requests: Sequence[bytes], 
             body = requests[int(picks[i % len(picks)])]
             i += 1
             try:
-                await call(body, timeout=config.timeout_s, metadata=call_metadata)
-                code = "OK"
-            except grpc.aio.AioRpcError as exc:
-                code = exc.code().name
+                code = await send(body)
             except Exception as exc:  # a generator-side failure must still be counted
                 code = f"CLIENT_{type(exc).__name__}"
             records.append((sent - start, time.perf_counter() - start, code))
@@ -102,6 +100,7 @@ async def run_closed_loop(channel: grpc.aio.Channel, requests: Sequence[bytes], 
         await asyncio.gather(*(worker(p, start) for p in picks))
     finally:
         reporter.cancel()
+        await close()
     wall = time.perf_counter() - start
     cpu1, (user1, sys1) = time.process_time(), rusage_self()
     if on_progress is not None:

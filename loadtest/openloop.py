@@ -29,6 +29,8 @@ import grpc
 import numpy as np
 from google.protobuf.message import Message
 
+from loadtest.callers import open_caller
+
 SCORE_METHOD = "/scoring.v1.Scorer/Score"
 Arrival = Literal["poisson", "constant"]
 PERCENTILES = (50.0, 90.0, 99.0, 99.9)
@@ -45,6 +47,7 @@ class LoadConfig:
     seed: int = 0
     # Sent with every call, e.g. (("application", "scoring"),) for Ray Serve's gRPC proxy, which routes by it.
     metadata: tuple[tuple[str, str], ...] = ()
+    streams: int = 4  # ScoreStream calls the items share, when `method` is loadtest.callers.STREAM_METHOD
 
     def __post_init__(self) -> None:
         if self.rate <= 0 or self.duration_s <= 0:
@@ -255,8 +258,7 @@ async def run_open_loop(channel: grpc.aio.Channel, requests: Sequence[bytes], co
     completed = np.full(n, np.nan)
     lag = np.zeros(n)
     codes = ["" for _ in range(n)]
-    call = channel.unary_unary(config.method, request_serializer=None, response_deserializer=None)
-    call_metadata = tuple(config.metadata) or None  # None: no metadata object per call
+    send, close = open_caller(channel, config.method, config.timeout_s, config.metadata, config.streams)
     loop = asyncio.get_running_loop()
     pending: set[asyncio.Task[None]] = set()
     in_flight = 0
@@ -265,10 +267,7 @@ async def run_open_loop(channel: grpc.aio.Channel, requests: Sequence[bytes], co
     async def one(i: int, due: float, start: float) -> None:
         nonlocal in_flight
         try:
-            await call(requests[picks[i]], timeout=config.timeout_s, metadata=call_metadata)
-            codes[i] = "OK"
-        except grpc.aio.AioRpcError as exc:
-            codes[i] = exc.code().name
+            codes[i] = await send(requests[picks[i]])
         except Exception as exc:  # a generator-side failure must still be counted
             codes[i] = f"CLIENT_{type(exc).__name__}"
         finally:
@@ -298,6 +297,7 @@ async def run_open_loop(channel: grpc.aio.Channel, requests: Sequence[bytes], co
         await asyncio.sleep(max(0.0, start + config.duration_s - time.perf_counter()))
     if pending:
         await asyncio.gather(*pending)
+    await close()
     wall = time.perf_counter() - start
     cpu1, (user1, sys1) = time.process_time(), rusage_self()
     if on_progress is not None:

@@ -86,6 +86,7 @@ async def find_max_rate(
     refine: int,
     metadata: tuple[tuple[str, str], ...] = (),
     method: str = SCORE_METHOD,
+    streams: int = 4,
     arrival: Arrival = "poisson",
     growth: float = 2.0,
     max_rate: float | None = None,
@@ -119,7 +120,7 @@ async def find_max_rate(
 
     def config(rate: float, duration_s: float, step_seed: int) -> LoadConfig:
         return LoadConfig(rate=rate, duration_s=duration_s, arrival=arrival, timeout_s=timeout_s, method=method,
-                          seed=step_seed, metadata=metadata)
+                          seed=step_seed, metadata=metadata, streams=streams)
 
     async def measure(rate: float, phase: str) -> None:
         result = await run_open_loop(channel, requests, config(rate, step_s, seed + len(steps) + 1))

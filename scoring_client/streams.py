@@ -22,9 +22,21 @@ from types import TracebackType
 
 import grpc
 
-from scoring.v1 import scoring_pb2, scoring_pb2_grpc
+from scoring.v1 import scoring_pb2
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
+METHOD = "/scoring.v1.Scorer/ScoreStream"
+_REQUEST_ID_TAG = b"\x4a"  # ScoreRequest.request_id: field 9, length-delimited
+_TIMEOUT_MS_TAG = b"\x50"  # ScoreRequest.timeout_ms: field 10, varint
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
 
 
 class ScoreError(Exception):
@@ -39,8 +51,10 @@ class ScoreError(Exception):
 class _Stream:
     """One ScoreStream call and the items waiting for their answers on it."""
 
-    def __init__(self, stub: scoring_pb2_grpc.ScorerStub, metadata: Sequence[tuple[str, str]] | None) -> None:
-        self.call = stub.ScoreStream(metadata=metadata)
+    def __init__(self, channel: grpc.aio.Channel, metadata: Sequence[tuple[str, str]] | None) -> None:
+        method = channel.stream_stream(METHOD, request_serializer=None,  # items arrive serialized
+                                       response_deserializer=scoring_pb2.ScoreStreamResponse.FromString)
+        self.call = method(metadata=metadata)
         self.waiting: dict[str, asyncio.Future[scoring_pb2.ScoreResponse]] = {}
         self.write_lock = asyncio.Lock()  # grpc.aio allows one write in progress per call
         self.broken: ScoreError | None = None
@@ -67,18 +81,18 @@ class _Stream:
                 future.set_exception(error)
         self.waiting.clear()
 
-    async def send(self, request: scoring_pb2.ScoreRequest) -> asyncio.Future[scoring_pb2.ScoreResponse]:
+    async def send(self, item: bytes, request_id: str) -> asyncio.Future[scoring_pb2.ScoreResponse]:
         future: asyncio.Future[scoring_pb2.ScoreResponse] = asyncio.get_running_loop().create_future()
-        self.waiting[request.request_id] = future
+        self.waiting[request_id] = future
         try:
             async with self.write_lock:
-                await self.call.write(request)
+                await self.call.write(item)
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
-            self.waiting.pop(request.request_id, None)
+            self.waiting.pop(request_id, None)
             await asyncio.sleep(0)  # let the reader record why the stream broke
             raise self.broken or ScoreError(grpc.StatusCode.UNAVAILABLE, f"the stream broke: {exc}") from exc
         except BaseException:
-            self.waiting.pop(request.request_id, None)
+            self.waiting.pop(request_id, None)
             raise
         return future
 
@@ -98,7 +112,7 @@ class StreamingScorer:
                  metadata: Sequence[tuple[str, str]] | None = None) -> None:
         if streams < 1:
             raise ValueError("streams must be at least 1")
-        self._stub = scoring_pb2_grpc.ScorerStub(channel)  # type: ignore[no-untyped-call]
+        self._channel = channel
         self._metadata = metadata
         self._streams: list[_Stream | None] = [None] * streams
         self._ids = itertools.count()
@@ -115,7 +129,7 @@ class StreamingScorer:
         slot = min(range(len(self._streams)), key=lambda i: self._load(self._streams[i]))
         stream = self._streams[slot]
         if stream is None or stream.broken is not None:
-            stream = self._streams[slot] = _Stream(self._stub, self._metadata)
+            stream = self._streams[slot] = _Stream(self._channel, self._metadata)
         return stream
 
     @staticmethod
@@ -126,18 +140,24 @@ class StreamingScorer:
         """Scores one request; `timeout` (seconds) becomes the item's `timeout_ms` on the server, and the
         wait here ends a little later so the server's DEADLINE_EXCEEDED answer arrives first. The
         request is not modified; a request_id of its own must be unique among the calls in flight."""
+        return await self.score_serialized(request.SerializeToString(), request.request_id, timeout)
+
+    async def score_serialized(self, request: bytes, request_id: str = "",
+                               timeout: float | None = None) -> scoring_pb2.ScoreResponse:
+        """`score` for a request already serialized (a load generator's way); `request_id` is the one
+        it holds, if any. The id and the time budget are appended as fields: the last value wins."""
         if self._closed:
             raise RuntimeError("the StreamingScorer is closed")
-        item = scoring_pb2.ScoreRequest()
-        item.CopyFrom(request)
         stream = self._stream()
-        if not item.request_id:
-            item.request_id = f"~{next(self._ids)}"
-        elif item.request_id in stream.waiting:
-            raise ValueError(f"request_id {item.request_id!r} is already in flight on this stream")
+        if not request_id:
+            request_id = f"~{next(self._ids)}"
+            encoded = request_id.encode()
+            request += _REQUEST_ID_TAG + _varint(len(encoded)) + encoded
+        elif request_id in stream.waiting:
+            raise ValueError(f"request_id {request_id!r} is already in flight on this stream")
         if timeout is not None:
-            item.timeout_ms = max(1, math.ceil(timeout * 1000))
-        future = await stream.send(item)
+            request += _TIMEOUT_MS_TAG + _varint(max(1, math.ceil(timeout * 1000)))
+        future = await stream.send(request, request_id)
         try:
             async with asyncio.timeout(None if timeout is None else timeout + 1.0):
                 return await future
@@ -145,7 +165,7 @@ class StreamingScorer:
             raise ScoreError(grpc.StatusCode.DEADLINE_EXCEEDED, "no answer within the timeout") from None
         finally:
             if not future.done():
-                stream.waiting.pop(item.request_id, None)
+                stream.waiting.pop(request_id, None)
 
     async def close(self) -> None:
         """Waits for every call in flight, then ends the streams."""

@@ -203,3 +203,20 @@ def test_a_closed_loop_of_64_whose_queue_fits_the_bound_is_not_refused(demo_repo
         assert done.returncode == 0, done.stderr
         summary = read_result(out)["summary"]
     assert summary["status_codes"] == {"OK": summary["scheduled"]}, summary["status_codes"]
+
+
+def test_an_open_loop_over_score_stream_counts_each_items_status(server: ServerProcess, tmp_path: Path) -> None:
+    """--method .../ScoreStream: each request an item on a few streams, each answer's status counted as a call's;
+    the workload's oversized query is answered INVALID_ARGUMENT on its own while the rest are scored."""
+    workload = tmp_path / "rows.jsonl"
+    rows = [{"query": "北京旅游攻略", "title": "北京三日游"}, {"query": "天气预报"}, {"query": "长" * 2000}]
+    workload.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
+    out = tmp_path / "stream"
+    done = loadtest("--target", server.target, "--method", "/scoring.v1.Scorer/ScoreStream", "--streams", "2",
+                    "--rate", "30", "--duration", "3", "--arrival", "constant", "--warmup", "0",
+                    "--workload", str(workload), "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    summary = read_result(out)["summary"]
+    codes = summary["status_codes"]
+    assert set(codes) == {"OK", "INVALID_ARGUMENT"} and sum(codes.values()) == summary["scheduled"] == 90, codes
+    assert codes["INVALID_ARGUMENT"] > 10 and codes["OK"] > 40

@@ -20,7 +20,7 @@ from bench.kit.fmt import num
 from bench.kit.machine import CpuMonitor
 from bench.kit.scrape import batch_stats
 from bench.kit.server import ServerProcess
-from loadtest.openloop import LoadConfig, run_open_loop
+from loadtest.openloop import SCORE_METHOD, LoadConfig, run_open_loop
 from loadtest.sweep import KEEP_UP, judge, next_rate
 
 
@@ -36,6 +36,8 @@ class SweepConfig:
     noisy_cores: float = 0.3
     max_reruns: int = 2
     max_fraction: float = 3.0
+    method: str = SCORE_METHOD  # or loadtest.callers.STREAM_METHOD: each request an item on `streams` streams
+    streams: int = 4
 
 
 Step = dict[str, Any]
@@ -51,7 +53,7 @@ async def run_step(server: ServerProcess, channel: grpc.aio.Channel, requests: S
     before = await server.ascrape()
     monitor.start()
     load = LoadConfig(rate=rate, duration_s=cfg.step_s, timeout_s=cfg.timeout_s,
-                      seed=cfg.seed + int(fraction * 1000))
+                      seed=cfg.seed + int(fraction * 1000), method=cfg.method, streams=cfg.streams)
     result = await run_open_loop(channel, requests, load)
     cpu: dict[str, Any] = monitor.stop()
     if server.spec.workers > 1:
@@ -83,7 +85,8 @@ def next_fraction(steps: Sequence[Step], min_gap: float = 0.04, max_fraction: fl
 async def warm_up(channel: grpc.aio.Channel, requests: Sequence[bytes], cfg: SweepConfig) -> None:
     """Connection, first-call paths and the engine's shapes: not measured."""
     await run_open_loop(channel, requests, LoadConfig(rate=max(2.0, 0.2 * cfg.limit), duration_s=3.0,
-                                                      timeout_s=cfg.timeout_s, seed=cfg.seed))
+                                                      timeout_s=cfg.timeout_s, seed=cfg.seed, method=cfg.method,
+                                                      streams=cfg.streams))
 
 
 async def search(measure: Callable[[float], Awaitable[Step]], cfg: SweepConfig) -> list[Step]:

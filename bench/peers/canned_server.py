@@ -4,22 +4,24 @@
 
 No model, no tokenizer, no batching: the same `grpc.aio` server on uvloop, raw-bytes handler and response size
 (every head of the version, fixed scores) as `python -m server`, so its CPU per call is what any Python gRPC
-front end pays before it does any work. Stops on SIGTERM or SIGINT.
+front end pays before it does any work. `ScoreStream` is answered the same way, one canned answer with the
+item's request_id per message read: the floor of a streamed item. Stops on SIGTERM or SIGINT.
 """
 
 from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 
 import grpc
 import uvloop
 from google.protobuf.message import DecodeError
 
-from bench.peers.rpc import peer_parser, scorer_handler
+from bench.peers.rpc import SERVICE, peer_parser, scorer_handler
 from model_format.manifest import read_manifest
 from scoring.v1 import scoring_pb2
+from server.responses import stream_answer
 
 
 async def serve(host: str, port: int, answer: bytes) -> None:
@@ -30,8 +32,15 @@ async def serve(host: str, port: int, answer: bytes) -> None:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"not a ScoreRequest: {exc}")
         return answer
 
+    async def score_stream(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
+        async for raw in requests:
+            request = scoring_pb2.ScoreRequest.FromString(raw)
+            await context.write(stream_answer(request.request_id, result=answer))
+
+    stream = grpc.method_handlers_generic_handler(SERVICE, {
+        "ScoreStream": grpc.stream_stream_rpc_method_handler(score_stream)})
     server = grpc.aio.server()
-    server.add_generic_rpc_handlers((scorer_handler(score, decode=False),))
+    server.add_generic_rpc_handlers((scorer_handler(score, decode=False), stream))
     server.add_insecure_port(f"{host}:{port}")
     await server.start()
     stop = asyncio.Event()
