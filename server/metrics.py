@@ -34,6 +34,7 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.6
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 RATIO_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 HEAD_SCORE_BUCKETS = (0.25, 0.5, 0.75)  # + Inf: coarse on purpose, see the budget above
+_HEAD_BOUNDS = np.array(HEAD_SCORE_BUCKETS, np.float32)
 
 
 class LostReason(enum.Enum):
@@ -92,6 +93,34 @@ class _HeadCollector(Collector):
         yield scores
 
 
+class _BulkHistogram(Collector):
+    """A histogram by model fed a batch of values at once (numpy), not one `observe` per value: the
+    queue waits of a batch's items are recorded with one searchsorted and one bincount."""
+
+    def __init__(self, name: str, documentation: str, buckets: Sequence[float]) -> None:
+        self.name, self.documentation = name, documentation
+        self.bounds = np.array(buckets, np.float64)
+        self.lock = threading.Lock()
+        self.models: dict[str, tuple[np.ndarray, list[float]]] = {}  # non-cumulative counts (+Inf last), [sum]
+
+    def observe_many(self, model: str, values: np.ndarray) -> None:
+        counts = np.bincount(np.searchsorted(self.bounds, values, side="left"), minlength=len(self.bounds) + 1)
+        total = float(values.sum())
+        with self.lock:
+            held, sums = self.models.setdefault(model, (np.zeros(len(self.bounds) + 1, np.int64), [0.0]))
+            held += counts
+            sums[0] += total
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=["model"])
+        labels = [*(f"{b:g}" for b in self.bounds), "+Inf"]
+        with self.lock:
+            for model, (counts, sums) in self.models.items():
+                cumulative = np.cumsum(counts).tolist()
+                family.add_metric([model], list(zip(labels, [float(c) for c in cumulative], strict=True)), sums[0])
+        yield family
+
+
 class VersionMetrics:
     """The metrics one loaded version writes, with its labels bound once."""
 
@@ -107,20 +136,18 @@ class VersionMetrics:
         self._acc = acc
         self.batch_size = metrics.batch_size.labels(model)
         self.padding = metrics.padding_ratio.labels(model)
-        self.queue_wait = metrics.queue_wait.labels(model)
         self.inference = metrics.inference.labels(model)
 
     def observe_batch(self, stats: BatchStats) -> None:
         self.batch_size.observe(stats.size)
         self.padding.observe(stats.padding_ratio)
         self.inference.observe(stats.inference_seconds)
-        for w in stats.queue_wait_seconds:
-            self.queue_wait.observe(w)
+        self._m.queue_wait.observe_many(self.model, np.asarray(stats.queue_wait_seconds, np.float64))
         scores = stats.scores
+        heads, slots = scores.shape[1], len(HEAD_SCORE_BUCKETS) + 1
         fired = (scores >= self.thresholds).sum(axis=0)
-        which = np.searchsorted(np.array(HEAD_SCORE_BUCKETS, np.float32), scores, side="left")  # [B, N]
-        counts = np.zeros((scores.shape[1], len(HEAD_SCORE_BUCKETS) + 1), np.float64)
-        np.add.at(counts, (np.broadcast_to(np.arange(scores.shape[1]), scores.shape), which), 1.0)
+        which = np.searchsorted(_HEAD_BOUNDS, scores, side="left")  # [B, N]: each score's bucket
+        counts = np.bincount((which + np.arange(heads) * slots).ravel(), minlength=heads * slots).reshape(heads, slots)
         with self._m.heads.lock:
             self._acc.triggers[self.rows] += fired
             self._acc.buckets[self.rows] += counts
@@ -138,8 +165,9 @@ class Metrics:
         self.request_latency = Histogram("scoring_request_duration_seconds",
                                          "End-to-end server time of a Score/ScoreBatch call", ["model", "method"],
                                          buckets=LATENCY_BUCKETS, registry=r)
-        self.queue_wait = Histogram("scoring_queue_wait_seconds", "Time an item waited for its batch to start",
-                                    ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_wait = _BulkHistogram("scoring_queue_wait_seconds", "Time an item waited for its batch to start",
+                                         LATENCY_BUCKETS)
+        r.register(self.queue_wait)
         self.inference = Histogram("scoring_inference_duration_seconds", "Engine time per batch", ["model"],
                                    buckets=LATENCY_BUCKETS, registry=r)
         self.batch_size = Histogram("scoring_batch_size", "Items per engine batch", ["model"],
