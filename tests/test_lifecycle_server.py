@@ -165,3 +165,32 @@ def test_logs_are_json_with_request_id_and_no_line_per_request(demo_repo: Path) 
     assert rejected and rejected[0]["request_id"] == "bad-42" and rejected[0]["reason"] == "invalid"
     lifecycle = {e.get("event") for e in events}
     assert {"model_loading", "model_warmed", "model_serving", "shutdown", "stopped"} <= lifecycle
+
+
+def test_sigterm_ends_an_open_stream_after_answering_what_it_read(demo_repo: Path) -> None:
+    """A ScoreStream open at shutdown: the server stops reading, answers every item it read, and ends the
+    call with UNAVAILABLE (reconnect elsewhere); the process still exits cleanly within the grace period."""
+    with run_server(demo_repo, "--grace-period-s", "20", "--cache-bytes", "0") as srv:
+
+        async def scenario(server: ServerProcess) -> tuple[list[scoring_pb2.ScoreStreamResponse], grpc.StatusCode]:
+            async with grpc.aio.insecure_channel(server.target) as ch:
+                stub = scoring_pb2_grpc.ScorerStub(ch)  # type: ignore[no-untyped-call]
+                call = stub.ScoreStream(timeout=60)
+                for i in range(20):
+                    await call.write(scoring_pb2.ScoreRequest(query=f"关停前{i}", title="标题" * 30,
+                                                              request_id=str(i)))
+                await asyncio.sleep(0.2)
+                server.proc.send_signal(signal.SIGTERM)
+                answers = []
+                try:
+                    async for answer in call:
+                        answers.append(answer)
+                except grpc.aio.AioRpcError:
+                    pass
+                return answers, await call.code()
+
+        answers, code = asyncio.run(scenario(srv))
+        assert code == grpc.StatusCode.UNAVAILABLE, code
+        assert sorted(int(a.request_id) for a in answers) == list(range(20))
+        assert all(a.code == 0 for a in answers)
+        assert srv.proc.wait(timeout=30) == 0
