@@ -134,6 +134,19 @@ class CpuMonitor:
         }
 
 
+def wait_idle(pid: int, below_cores: float = 0.3, limit_s: float = 120.0) -> float:
+    """Seconds until `pid`'s process tree uses under `below_cores` over one second (at most `limit_s`): a server
+    left up still computing calls its clients gave up on would load whatever is measured next."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < limit_s:
+        monitor = CpuMonitor(pid, tree=True)
+        monitor.start()
+        time.sleep(1.0)
+        if monitor.stop()["server_cores"] < below_cores:
+            break
+    return time.monotonic() - t0
+
+
 def _children_map() -> dict[int, list[int]]:
     kids: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):

@@ -13,17 +13,20 @@ TARGET_RAW = 0.90  # this service's max throughput ≥ 90% of the raw engine's
 TARGET_RAY = 2.0  # … and ≥ 2× Ray Serve's
 DEFAULT_OBJECTIVE_MS = 100.0
 LABELS = {"raw": "raw engine (ORT alone)", "naive": "naive gRPC server", "ray": "Ray Serve",
-          "service": "this service"}
-COLORS = {"raw": "tab:gray", "naive": "tab:orange", "ray": "tab:purple", "service": "tab:blue"}
+          "service": "this service", "mlserver": "MLServer", "litserve": "LitServe"}
+COLORS = {"raw": "tab:gray", "naive": "tab:orange", "ray": "tab:purple", "service": "tab:blue",
+          "mlserver": "tab:green", "litserve": "tab:red"}
+# The config key holding each batching peer's wait, and how its framework names it.
+WAITS = {"ray": "batch_wait_timeout_ms", "mlserver": "max_batch_time_ms", "litserve": "batch_timeout_ms"}
 
 
 def label(name: str, config: dict[str, Any] | None = None) -> str:
-    """Display name; Ray Serve's carries its batching settings when `config` (or the name) gives them."""
+    """Display name; a batching peer's carries its batching settings when `config` (or the name) gives them."""
     if name.startswith("ray:"):
         _, size, wait = name.split(":")
         return f"Ray Serve (batch ≤ {size}, wait {wait} ms)"
-    if name == "ray" and config:
-        return f"Ray Serve (batch ≤ {config['max_batch_size']}, wait {config['batch_wait_timeout_ms']:g} ms)"
+    if name in WAITS and config:
+        return f"{LABELS[name]} (batch ≤ {config['max_batch_size']}, wait {config[WAITS[name]]:g} ms)"
     return LABELS[name]
 
 
@@ -102,12 +105,14 @@ def markdown(results: dict[str, Any], png: str | None) -> str:
     why = (f"2.5 runs of the best batch on one lane ({batch}), at least {DEFAULT_OBJECTIVE_MS:g} ms"
            if results.get("objective_derived") else f"`--p99-objective-ms`; best batch on one lane: {batch}")
     rows = table_rows(results)
-    out = ["## Peers: this service vs a naive gRPC server and Ray Serve (`python -m bench.compare`)", "",
+    out = ["## Peers: this service vs a naive gRPC server, MLServer, LitServe and Ray Serve "
+           "(`python -m bench.compare`)", "",
            f"One run ({'`--quick`, rough numbers; ' if a['quick'] else ''}{results['elapsed_s'] / 60:.1f} min, "
            f"{m['date']}, code {m['git']}, {m['cpu_model']}, {m['usable_cpus']} CPUs, load average at start "
            f"{' '.join(m['loadavg_at_start'])}): every system runs the demo model's fp32 graph "
-           f"({results['model']['heads']} heads), the same tokenizer and ORT options ({describe(a['threads'])}; Ray "
-           f"Serve: that many replicas), on {results['data']['pairs']} {results['data']['kind']} query/title pairs "
+           f"({results['model']['heads']} heads), the same tokenizer and ORT options ({describe(a['threads'])}; "
+           "MLServer, LitServe and Ray Serve: that many inference processes or replicas), on "
+           f"{results['data']['pairs']} {results['data']['kind']} query/title pairs "
            "under the same open-loop Poisson load (`loadtest.openloop`, latency from the scheduled send).", "",
            f"**Objective: p99 ≤ {obj:g} ms**, {why}: a scoring call sits inside a search request's budget; where "
            "one batch takes longer, a call may find its lane busy and then run.", ""]
@@ -159,6 +164,21 @@ def markdown(results: dict[str, Any], png: str | None) -> str:
                    f"replica(s) of {c.get('threads', 2)} ORT thread(s), `@serve.batch` (max_batch_size "
                    f"{c['max_batch_size']}, wait {c['batch_wait_timeout_ms']:g} ms), `max_ongoing_requests` "
                    f"{c['max_ongoing_requests']}, `num_cpus={c['num_cpus']}`; memory sums all of Ray's processes.")
+    if "mlserver" in sv:
+        c = sv["mlserver"]["config"]
+        out.append(f"- **MLServer {c['mlserver']}** (`bench/peers/mlserver_peer.py`, its own environment): Open "
+                   "Inference Protocol gRPC (`ModelInfer`, the ScoreRequest in a BYTES tensor, the ScoreResponse "
+                   f"back in one) → adaptive batching (max_batch_size {c['max_batch_size']}, max_batch_time "
+                   f"{c['max_batch_time_ms']:g} ms) in the main process → {c['parallel_workers']} inference "
+                   f"process(es) of {c['threads']} ORT thread(s).")
+    if "litserve" in sv:
+        c = sv["litserve"]["config"]
+        out.append(f"- **LitServe {c['litserve']}** (`bench/peers/litserve_peer.py`): HTTP/1.1 `POST /predict`, "
+                   f"JSON both ways (LitServe has no gRPC; the generator drives it through `bench.kit.http_channel`) "
+                   f"→ {c['num_api_servers']} uvicorn process(es) → LitServe's batching (max_batch_size "
+                   f"{c['max_batch_size']}, batch_timeout {c['batch_timeout_ms']:g} ms) → {c['workers']} inference "
+                   f"process(es) of {c['threads']} ORT thread(s)"
+                   + (", ZeroMQ queues." if c.get("fast_queue") else ", multiprocessing queues."))
     if "service" in sv:
         out.append(f"- **This service**: `python -m server {' '.join(sv['service']['config']['flags'])}`.")
     out.append("- The peers' sessions are the raw engine's (`bench.kit.engine.load_engine`); this service builds "
@@ -170,9 +190,12 @@ def markdown(results: dict[str, Any], png: str | None) -> str:
             f"rounds of ≥ {a['engine_min_s']:g} s; the best median is the ceiling.",
             f"2. **Max throughput** (`loadtest.sweep.find_max_rate`): {a['step_s']:g} s steps from "
             f"{a['start_fraction']:.0%} of the raw engine, doubling, then {a['refine']} bisections; a step counts "
-            f"when every call succeeded (deadline {a['timeout_s']:g} s), ≥ 95% was achieved and p99 ≤ {obj:g} ms.",
+            f"when every call succeeded (deadline {a['timeout_s']:g} s), ≥ 95% was achieved and p99 ≤ {obj:g} ms; "
+            "each step starts once the server's processes are idle (MLServer and LitServe go on computing calls "
+            "whose clients gave up, which would otherwise load the next step: `idle_wait_s` in results.json).",
             f"3. **Fixed load**: {fixed_how} ({rate}/s) for {a['fixed_s']:g} s; CPU and memory (RSS, PSS) of the "
-            "server's whole process tree. Servers run one at a time (Ray last), leftover processes ended.",
+            "server's whole process tree. Servers are swept one after another (the earlier ones left up, idle; Ray "
+            "last), then each is measured at the fixed load and stopped, newest first; leftover processes ended.",
             *([f"4. **Transport floor** (first): the canned server at {TARGET_RAW:.0%} of the raw engine, "
                f"{4 * a['engine_min_s']:g} s alone, then {2 * a['engine_min_s']:g} s raw-engine probes: three "
                "alone, two under that load, interleaved; share = loaded mean / alone mean."] if floor else []), ""]
