@@ -7,8 +7,11 @@ real query/title pairs and on their queries alone. Then `python -m server` is se
 sustainable open-loop Poisson rate (no failure, ≥ 95% kept up, p99 under the bound; `bench.kit.rates`):
 - real pairs, the cache off, as unary Score calls and as items over `--streams` ScoreStream calls, against the
   pairs' engine limit;
-- a query-only log (the pairs' queries drawn from a Zipf law whose exponent gives about `--repeats` of the
-  requests of one step as repeats), the cache on, unary and streamed, against the uncached queries' limit.
+- a query-only log shaped like a search log, a popular head and a long tail: `--repeats` of its requests are
+  drawn from the pairs' distinct queries by a Zipf law (s = `--zipf-s`), the rest are queries seen once (a
+  query from the pairs with a number of its own appended), so about that share of the requests can be served
+  from the cache whatever the rate and however long the run; the cache on, unary and streamed, against the
+  uncached engine on the log's first 5,000 distinct queries (head and tail as the log mixes them).
 Writes <out>/paths/{results.json, section.md, paths.png} and its section of BENCHMARKS.md.
 """
 
@@ -36,7 +39,7 @@ from scoring.v1 import scoring_pb2
 
 NAME = "paths"
 METHODS = {"unary": SCORE_METHOD, "stream": STREAM_METHOD}
-POOL = 50_000  # the query log's length: the generator picks from it uniformly
+POOL = 500_000  # the query log's length: the generator picks from it uniformly
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -45,7 +48,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--step-s", type=float, default=10.0, help="seconds per step")
     ap.add_argument("--pair-fractions", type=floats, default=[0.7, 0.85, 0.95], help="pair steps, × the limit")
     ap.add_argument("--query-fractions", type=floats, default=[1.2, 1.6, 2.0], help="query-log steps, × the limit")
-    ap.add_argument("--repeats", type=float, default=0.6, help="share of a step's queries that repeat one before")
+    ap.add_argument("--repeats", type=float, default=0.6, help="share of the query log drawn from its popular head")
+    ap.add_argument("--zipf-s", type=float, default=1.0, help="Zipf exponent of the head: P(rank k) ∝ k^-s")
     ap.add_argument("--streams", type=int, default=4, help="ScoreStream calls the items share")
     ap.add_argument("--seed", type=int, default=5)
     args = run.parse(ap, argv)
@@ -54,50 +58,43 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def query_data(data: ModelData) -> ModelData:
-    """The pairs' queries alone, one per distinct model input."""
+def query_data(data: ModelData, queries: Sequence[str], limit: int = 5000) -> ModelData:
+    """The first `limit` distinct model inputs among `queries` (as the log has them: head and tail mixed)."""
     inputs: dict[EncodedRequest, Pair] = {}
-    for p in data.pairs:
-        item = data.encoder.encode(p.query)
-        inputs.setdefault(item, dataclasses.replace(p, title=""))
+    for q in queries:
+        inputs.setdefault(data.encoder.encode(q), Pair(q, ""))
+        if len(inputs) >= limit:
+            break
     return dataclasses.replace(data, pairs=list(inputs.values()), items=list(inputs))
 
 
-def repeated(distinct: int, s: float, picks: int, rng: np.random.Generator) -> float:
-    """Share of `picks` uniform picks from a Zipf(s) log of POOL entries that repeat an earlier pick."""
-    weights = np.arange(1, distinct + 1, dtype=np.float64) ** -s
-    log = rng.choice(distinct, size=POOL, p=weights / weights.sum())
-    return 1.0 - len(np.unique(log[rng.integers(0, POOL, picks)])) / picks
-
-
-def zipf_log(distinct: int, target: float, picks: int, seed: int) -> tuple[np.ndarray, float, float]:
-    """A log of POOL ranks whose picks repeat about `target` of the time over `picks` picks: (log, s, share)."""
-    lo, hi = 0.0, 3.0
-    for _ in range(20):  # the repeat share grows with s: bisect
-        s = (lo + hi) / 2
-        share = repeated(distinct, s, picks, np.random.default_rng(seed))
-        lo, hi = (s, hi) if share < target else (lo, s)
-    weights = np.arange(1, distinct + 1, dtype=np.float64) ** -s
+def query_log(queries: Sequence[str], repeats: float, s: float, seed: int) -> list[str]:
+    """POOL queries: a `repeats` share drawn from `queries` by Zipf(s) over a random ranking, the rest each
+    unique. The generator picks uniformly from the log, so a tail entry comes back only as often as POOL is
+    small against a run's picks (under 10% of a full run's)."""
     rng = np.random.default_rng(seed)
-    return rng.choice(distinct, size=POOL, p=weights / weights.sum()), s, share
+    weights = np.arange(1, len(queries) + 1, dtype=np.float64) ** -s
+    head = rng.permutation(len(queries))[rng.choice(len(queries), size=POOL, p=weights / weights.sum())]
+    tail = rng.random(POOL) >= repeats
+    return [f"{queries[int(h)]} {i}" if t else queries[int(h)] for i, (h, t) in enumerate(zip(head, tail, strict=True))]
 
 
 def measure(args: argparse.Namespace, log: Progress) -> dict[str, Any]:
     pairs = load_model_data(args.model_repo, args.model, args.data)
-    queries = query_data(pairs)
-    log(f"{len(pairs.pairs)} distinct pairs and {len(queries.pairs)} distinct queries ({pairs.source})")
+    head = list(dict.fromkeys(p.query for p in pairs.pairs))
+    log_queries = query_log(head, args.repeats, args.zipf_s, args.seed)
+    queries = query_data(pairs, log_queries)
+    log(f"{len(pairs.pairs)} distinct pairs; a query log of {POOL} requests, {args.repeats:.0%} drawn from their "
+        f"{len(head)} distinct queries by Zipf s={args.zipf_s}, the rest seen once ({pairs.source})")
     results: dict[str, Any] = {"data": pairs.source, "engine": {"pairs": engine_limit(pairs, args.threads, args, log),
                                                                 "queries": engine_limit(queries, args.threads, args,
                                                                                         log)}}
     pair_bodies = serialize_requests([scoring_pb2.ScoreRequest(query=p.query, title=p.title) for p in pairs.pairs])
-    order = np.random.default_rng(args.seed).permutation(len(queries.pairs))  # rank -> query
     q_limit = results["engine"]["queries"]["limit"]
-    picks = int(q_limit * max(args.query_fractions) * args.step_s)
-    ranks, s, share = zipf_log(len(queries.pairs), args.repeats, picks, args.seed)
-    query_bodies = serialize_requests([scoring_pb2.ScoreRequest(query=queries.pairs[order[r]].query) for r in ranks])
-    results["query_log"] = {"distinct": len(queries.pairs), "length": POOL, "zipf_s": round(s, 3),
-                            "repeats_at_top_step": round(share, 3), "picks_at_top_step": picks}
-    log(f"query log: Zipf s={s:.2f} over {len(queries.pairs)} queries, {share:.0%} repeats in {picks} picks")
+    query_bodies = serialize_requests([scoring_pb2.ScoreRequest(query=q) for q in log_queries])
+    results["query_log"] = {"distinct_head": len(head), "length": POOL, "zipf_s": args.zipf_s,
+                            "repeats": args.repeats, "distinct": len(set(log_queries)),
+                            "engine_sample": len(queries.items)}
     pin = (args.model, int(pairs.version_dir.name))
     cases = (("pairs", False, pair_bodies, results["engine"]["pairs"]["limit"], args.pair_fractions),
              ("queries", True, query_bodies, q_limit, args.query_fractions))
@@ -106,11 +103,11 @@ def measure(args: argparse.Namespace, log: Progress) -> dict[str, Any]:
         for case, cache, bodies, limit, fractions in cases:
             flags = server_flags(threads=args.threads, pin=pin, cache=cache)
             results.setdefault("server_flags", {})[case] = flags
-            async with serving(args, NAME, flags, f"server-{case}.log", log, f"server ({case})") as server:
-                for kind, method in METHODS.items():
-                    cfg = SweepConfig(limit=limit, fractions=fractions, step_s=args.step_s, timeout_s=args.timeout_s,
-                                      p99_bound_ms=args.p99_bound_ms, refine=args.refine, method=method,
-                                      streams=args.streams, max_reruns=0 if args.quick else 1)
+            for kind, method in METHODS.items():  # a fresh server each: neither path inherits a warm cache
+                cfg = SweepConfig(limit=limit, fractions=fractions, step_s=args.step_s, timeout_s=args.timeout_s,
+                                  p99_bound_ms=args.p99_bound_ms, refine=args.refine, method=method,
+                                  streams=args.streams, max_reruns=0 if args.quick else 1)
+                async with serving(args, NAME, flags, f"server-{case}-{kind}.log", log, f"server ({case})") as server:
                     results.setdefault(case, {})[kind] = await sweep(server, bodies, cfg, label=f"{case} {kind}",
                                                                      progress=log)
 

@@ -10,7 +10,8 @@ alone (cache off). Each case runs unary `Score` calls, then the same items over 
 (`scoring_client.StreamingScorer`). Measured: the CPU seconds of the server's event-loop thread (the main
 thread; the engine's lanes run on their own threads) and of the whole server process per answered call, and
 the load generator's. The floor falls as concurrency rises (each wake-up serves more calls), so it is measured
-here at the concurrency of the load it is compared with, in the same run.
+here at the concurrency of the load it is compared with, in the same run; misses run at the engine's pace, so
+their floor is also measured at their own rate (the canned server answering after the matching delay).
 """
 
 from __future__ import annotations
@@ -82,9 +83,10 @@ async def measure_case(target: str, pid: int, requests: list[bytes], method: str
 
 
 async def measure_server(target: str, pid: int, requests: list[bytes], args: argparse.Namespace,
-                         log: Progress, label: str) -> dict[str, Any]:
+                         log: Progress, label: str, kinds: Sequence[str] = tuple(METHODS)) -> dict[str, Any]:
     out = {}
-    for kind, method in METHODS.items():
+    for kind in kinds:
+        method = METHODS[kind]
         out[kind] = row = await measure_case(target, pid, requests, method, args)
         log(f"  {label} {kind}: {row['calls_per_s']}/s, event loop {row['loop_us']} us/call, process "
             f"{row['process_us']} us/call, generator {row['client_us']} us/call, failures {row['failures'] or 0}")
@@ -100,14 +102,17 @@ def measure(args: argparse.Namespace, log: Progress) -> dict[str, Any]:
     log(f"{len(both)} pairs ({pairs.described}); closed loops of {args.concurrency}, {args.duration_s:g} s each")
     results: dict[str, Any] = {"data": pairs.described, "version_dir": str(version_dir), "cases": {}}
 
-    async def go() -> None:
-        floor = PeerProcess("canned_server", ["--version-dir", str(version_dir)], both[0],
-                            args.out / NAME / "canned.log")
+    async def floor_at(delay_ms: float, kinds: Sequence[str], label: str) -> dict[str, Any]:
+        floor = PeerProcess("canned_server", ["--version-dir", str(version_dir), "--delay-ms", f"{delay_ms:.3f}"],
+                            both[0], args.out / NAME / "canned.log")
         await asyncio.to_thread(floor.start)
         try:
-            results["floor"] = await measure_server(floor.target, floor.pid, both, args, log, "floor")
+            return await measure_server(floor.target, floor.pid, both, args, log, label, kinds)
         finally:
             await asyncio.to_thread(floor.stop)
+
+    async def go() -> None:
+        results["floor"] = await floor_at(0.0, list(METHODS), "floor")
         pin = (args.model, int(version_dir.name))
         for cache, cases in ((True, {"hit": hits}), (False, {"miss_pairs": both, "miss_queries": queries})):
             flags = server_flags(threads=args.threads, pin=pin, cache=cache)
@@ -117,6 +122,14 @@ def measure(args: argparse.Namespace, log: Progress) -> dict[str, Any]:
                     results["cases"][case] = await measure_server(server.target, _pid(server), requests, args,
                                                                   log, case)
         results["server_flags"] = server_flags(threads=args.threads, pin=pin)
+        # A miss runs at the engine's pace: the floor at that same rate answers each call after the wait that
+        # gives the same rate with the same number of callers (Little's law).
+        for case in ("miss_pairs", "miss_queries"):
+            for kind in METHODS:
+                rate = results["cases"][case][kind]["calls_per_s"]
+                delay_ms = max(0.0, args.concurrency / rate * 1000.0 - results["floor"][kind]["p50_ms"])
+                at = await floor_at(delay_ms, [kind], f"floor at the {case} rate")
+                results["cases"][case][kind]["floor_same_rate"] = {**at[kind], "delay_ms": round(delay_ms, 1)}
 
     asyncio.run(go())
     return results

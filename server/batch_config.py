@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-# How many items a batch takes follows its cost (server.batch_plan.BatchCost), within these caps: on the
-# CPU a batch may be as wide as keeps a run's fixed cost under OVERHEAD_SHARE of the run (short queries
-# go 30 wide, pairs about 6; see BENCHMARKS.md, 'Batch width by cost'); a GPU needs wide batches to fill.
+# How many items a batch takes follows its cost (server.batch_plan.BatchCost), within these caps: a batch
+# may be as wide as keeps a run's fixed cost under OVERHEAD_SHARE of the run, so short queries batch wider
+# than pairs (BENCHMARKS.md, 'Figures behind decisions in code'); a GPU needs wide batches to fill.
 CPU_MAX_BATCH_SIZE = 64
 GPU_MAX_BATCH_SIZE = 64
 OVERHEAD_SHARE = 0.08

@@ -13,7 +13,7 @@ came within COMEBACK_S of the previous refusal (a caller coming straight back, n
 refusals would keep the rule on by themselves.
 While it stands, admission holds the queue at `queue_target_ms` (server.admission) and batches are
 cut to run within the target (server.batch_plan). Why: see BENCHMARKS.md, 'Batch width under a
-standing queue (CPU)' and 'Closed loops and the standing-queue rule'.
+standing queue (CPU)' and 'Figures behind decisions in code' (closed loops).
 """
 
 from __future__ import annotations

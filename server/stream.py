@@ -77,6 +77,9 @@ class ScoreStreamCall:
         except asyncio.CancelledError:  # the client went away or the call's deadline passed
             self._drop_queued(self.servicer.cancel_reason(self.context))
             raise
+        except Exception:  # the transport failed under a write: nobody will read what is queued
+            self._drop_queued(LostReason.CANCELLED)
+            raise
         finally:
             reader.cancel()
             stopper.cancel()

@@ -40,6 +40,8 @@ def batch_stats(before: dict[str, float], after: dict[str, float], wall_s: float
         "mean_engine_ms_per_batch": ratio(engine_s * 1000, batches, 2),
         "mean_queue_wait_ms": ratio(delta("scoring_queue_wait_seconds_sum") * 1000, waits, 2),
         "mean_server_request_ms": ratio(delta("scoring_request_duration_seconds_sum") * 1000, requests, 2),
+        "cache_hit_share": ratio(delta("scoring_cache_hits_total"),
+                                 delta("scoring_cache_hits_total") + delta("scoring_cache_misses_total")),
     }
 
 

@@ -5,7 +5,10 @@
 No model, no tokenizer, no batching: the same `grpc.aio` server on uvloop, raw-bytes handler and response size
 (every head of the version, fixed scores) as `python -m server`, so its CPU per call is what any Python gRPC
 front end pays before it does any work. `ScoreStream` is answered the same way, one canned answer with the
-item's request_id per message read: the floor of a streamed item. Stops on SIGTERM or SIGINT.
+item's request_id per message read: the floor of a streamed item. `--delay-ms D` answers each call (and each
+streamed item) D ms after it arrives, without holding anything else up: a closed loop then runs at the rate
+a real server's misses do, and the floor is measured at that rate too (per-call costs fall as the rate rises).
+Stops on SIGTERM or SIGINT.
 """
 
 from __future__ import annotations
@@ -24,18 +27,36 @@ from scoring.v1 import scoring_pb2
 from server.responses import stream_answer
 
 
-async def serve(host: str, port: int, answer: bytes) -> None:
+async def serve(host: str, port: int, answer: bytes, delay_s: float) -> None:
     async def score(raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
         try:
             scoring_pb2.ScoreRequest.FromString(raw)  # the decoding every real server does
         except DecodeError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"not a ScoreRequest: {exc}")
+        if delay_s:
+            await asyncio.sleep(delay_s)
         return answer
 
     async def score_stream(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
-        async for raw in requests:
-            request = scoring_pb2.ScoreRequest.FromString(raw)
-            await context.write(stream_answer(request.request_id, result=answer))
+        if not delay_s:
+            async for raw in requests:
+                request = scoring_pb2.ScoreRequest.FromString(raw)
+                await context.write(stream_answer(request.request_id, result=answer))
+            return
+        loop = asyncio.get_running_loop()
+        due: asyncio.Queue[tuple[float, bytes] | None] = asyncio.Queue()  # FIFO is due order: one delay
+
+        async def read() -> None:
+            async for raw in requests:
+                request = scoring_pb2.ScoreRequest.FromString(raw)
+                due.put_nowait((loop.time() + delay_s, stream_answer(request.request_id, result=answer)))
+            due.put_nowait(None)
+
+        reader = loop.create_task(read())
+        while (item := await due.get()) is not None:
+            await asyncio.sleep(max(0.0, item[0] - loop.time()))
+            await context.write(item[1])
+        await reader
 
     stream = grpc.method_handlers_generic_handler(SERVICE, {
         "ScoreStream": grpc.stream_stream_rpc_method_handler(score_stream)})
@@ -51,11 +72,13 @@ async def serve(host: str, port: int, answer: bytes) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = peer_parser("canned_server", __doc__).parse_args(argv)
+    ap = peer_parser("canned_server", __doc__)
+    ap.add_argument("--delay-ms", type=float, default=0.0, help="answer each call this long after it arrives")
+    args = ap.parse_args(argv)
     manifest = read_manifest(args.version_dir)
     answer = scoring_pb2.ScoreResponse(scores=dict.fromkeys(manifest.srcids, 0.5), model=manifest.model,
                                        version=manifest.version).SerializeToString()
-    uvloop.run(serve(args.host, args.port, answer))
+    uvloop.run(serve(args.host, args.port, answer, args.delay_ms / 1000.0))
     return 0
 
 
