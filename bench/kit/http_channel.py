@@ -73,6 +73,6 @@ class HttpChannel:
             if resp.status != 200:
                 code = STATUS_CODES.get(resp.status, grpc.StatusCode.UNKNOWN)
                 raise rpc_error(code, f"HTTP {resp.status}: {payload[:200]!r}")
-            return payload
+            return bytes(payload)  # typed: aiohttp may be absent (make test), then read() is Any
 
         return call
