@@ -3,6 +3,12 @@
   python -m tools.build_model --demo --out model_repo
   python -m tools.build_model --from-hf CKPT_DIR --heads-npz heads.npz --out model_repo --model mymodel
   python -m tools.build_model --from-hf CKPT_DIR --heads 8 --out model_repo --precision int8
+  python -m tools.build_model --from-hf CKPT_DIR --lookups LOOKUPS_DIR \
+      --heads-state-dict heads.safetensors --heads-meta heads.json --out model_repo --model mymodel
+
+A checkpoint's own tokenizer is used (its tokenizer.json, else its vocab.txt with its tokenizer_config.json);
+`--lookups` takes trained site/NER/industry tables (tools/build_model/lookups.py says the format), otherwise
+the demo's vocabularies with random tables are written, which no trained model should be served with.
 
 `--out` is the repository root; the version lands in `<out>/<model>/<version>/` by atomic rename.
 """
@@ -19,7 +25,9 @@ from tqdm import tqdm
 from model_format.manifest import EncoderShape, Head
 from model_format.repository import next_version
 from tools.build_model import demo_vocab
-from tools.build_model.tokenizer import build_tokenizer
+from tools.build_model.heads_io import heads_from_state_dict
+from tools.build_model.lookups import LookupTableError, lookups_from_dir
+from tools.build_model.tokenizer import build_tokenizer, checkpoint_tokenizer
 from tools.build_model.weights import (
     ModelWeights,
     encoder_from_hf,
@@ -54,7 +62,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, required=True, help="model repository root")
     ap.add_argument("--model", default=None, help="model name (default: demo, or the checkpoint folder name)")
     ap.add_argument("--version", type=int, default=None, help="version number (default: next free)")
-    ap.add_argument("--heads-npz", type=Path, help="heads from an .npz (w1, b1, w2, b2, srcids[, names, thresholds])")
+    heads_src = ap.add_mutually_exclusive_group()
+    heads_src.add_argument("--heads-npz", type=Path,
+                           help="heads from an .npz (w1, b1, w2, b2, srcids[, names, thresholds])")
+    heads_src.add_argument("--heads-state-dict", type=Path, metavar="FILE",
+                           help="heads from a PyTorch state dict (.safetensors or .bin; tools/build_model/heads_io.py "
+                                "names the tensors), with --heads-meta")
+    ap.add_argument("--heads-meta", type=Path, metavar="FILE", help="srcid, name, threshold per head (.json or .csv)")
+    ap.add_argument("--lookups", type=Path, metavar="DIR",
+                    help="trained look-up tables: {site,ner,industry}_vocab.txt and {site,ner,industry}.npy")
     ap.add_argument("--heads", type=int, default=None, help="N random heads (srcids 1..N) when no --heads-npz")
     ap.add_argument("--precision", action="append", choices=["int8", "fp16"], default=[],
                     help="also write this variant (repeatable); fp32 is always written")
@@ -64,7 +80,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=20261124)
     ap.add_argument("--if-absent", action="store_true",
                     help="do nothing when the model already has a complete version (used by make serve)")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.heads_state_dict and not args.heads_meta:
+        ap.error("--heads-state-dict needs --heads-meta (srcids, names and thresholds)")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,28 +106,35 @@ def main(argv: list[str] | None = None) -> int:
         steps.update(1)
 
     progress("initialising weights" if args.demo else f"reading {args.from_hf}")
-    vocabs = LookupVocabs(
-        sites=demo_vocab.demo_sites(args.num_sites, args.seed),
-        ner_tags=demo_vocab.NER_TAGS,
-        industries=demo_vocab.INDUSTRIES,
-    )
     if args.demo:
         encoder = random_encoder(DEMO_SHAPE, args.seed, std=DEMO_INIT_STD)
-        tokenizer = build_tokenizer(DEMO_VOCAB)
+        tokenizer, tokenizer_source = build_tokenizer(DEMO_VOCAB), "demo vocab.txt (lower-cased)"
     else:
         encoder = encoder_from_hf(args.from_hf)
-        tokenizer = build_tokenizer(args.from_hf / "vocab.txt")
-    lookups = random_lookups(vocabs.sizes, LOOKUP_DIMS, args.seed + 1)
-    feature_dim = encoder.shape.hidden_size + sum(LOOKUP_DIMS)
+        tokenizer, tokenizer_source = checkpoint_tokenizer(args.from_hf)
+    if args.lookups:
+        try:
+            vocabs, lookups = lookups_from_dir(args.lookups)
+        except LookupTableError as exc:
+            raise SystemExit(str(exc)) from exc
+    else:
+        vocabs = LookupVocabs(sites=demo_vocab.demo_sites(args.num_sites, args.seed),
+                              ner_tags=demo_vocab.NER_TAGS, industries=demo_vocab.INDUSTRIES)
+        lookups = random_lookups(vocabs.sizes, LOOKUP_DIMS, args.seed + 1)
+    feature_dim = encoder.shape.hidden_size + lookups.site.shape[1] + lookups.ner.shape[1] + lookups.industry.shape[1]
     if args.heads_npz:
         head_weights, heads = heads_from_npz(args.heads_npz)
+    elif args.heads_state_dict:
+        head_weights, heads = heads_from_state_dict(args.heads_state_dict, args.heads_meta, feature_dim)
     else:
         srcids = list(demo_vocab.DEMO_SRCIDS) if args.demo and args.heads is None else list(
             range(1, (args.heads or 1) + 1))
         head_weights = random_heads(len(srcids), feature_dim, HEAD_HIDDEN, args.seed + 2)
         heads = [Head(s, demo_vocab.head_name(s), 0.5) for s in srcids]
     if head_weights.w1.shape[0] != feature_dim:
-        raise SystemExit(f"heads expect {head_weights.w1.shape[0]} features, the bottom gives {feature_dim}")
+        raise SystemExit(f"heads expect {head_weights.w1.shape[0]} features, the bottom and look-ups give "
+                         f"{feature_dim} (hidden {encoder.shape.hidden_size} + site {lookups.site.shape[1]} + NER "
+                         f"{lookups.ner.shape[1]} + industry {lookups.industry.shape[1]})")
 
     path = write_version(
         ModelWeights(encoder, lookups, head_weights),
@@ -123,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         precisions=["fp32", *args.precision],
         progress=progress,
         extra={"source": "demo (seeded random init)" if args.demo else f"hf:{args.from_hf.name}",
-               "seed": args.seed},
+               "seed": args.seed, "tokenizer": tokenizer_source,
+               "lookups": f"files: {args.lookups.name}" if args.lookups else "demo vocabularies, random tables"},
     )
     steps.close()
     sizes = ", ".join(f"{p.name} {p.stat().st_size / 2**20:.1f} MiB" for p in sorted(path.glob("*.onnx")))
