@@ -5,11 +5,14 @@ The format is documented in `model_repo/README.md`; this module is its single re
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+import jsonschema
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -18,6 +21,8 @@ CHUNK_BYTES = 1 << 20
 # File names inside a version folder, by precision.
 MODEL_FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx", "fp16": "model.fp16.onnx"}
 TOKENIZER_FILE = "tokenizer.json"
+# The published contract other exporters check themselves against (JSON Schema 2020-12).
+SCHEMA_FILE = Path(__file__).with_name("manifest.schema.json")
 
 
 class ManifestError(ValueError):
@@ -137,6 +142,7 @@ class Manifest:
         except (KeyError, TypeError, ValueError) as exc:
             raise ManifestError(f"manifest field missing or malformed: {exc!r}") from exc
         manifest.validate()
+        check_schema(doc)
         return manifest
 
     def validate(self) -> None:
@@ -172,6 +178,22 @@ class Manifest:
         for name in self.sha256:
             if Path(name).is_absolute() or ".." in Path(name).parts or name == MANIFEST_NAME:
                 raise ManifestError(f"illegal file name in sha256: {name!r}")
+
+
+@functools.cache
+def _schema_validator() -> jsonschema.protocols.Validator:
+    schema = json.loads(SCHEMA_FILE.read_text(encoding="utf-8"))
+    validator: jsonschema.protocols.Validator = jsonschema.Draft202012Validator(schema)
+    return validator
+
+
+def check_schema(doc: Any) -> None:
+    """Raises ManifestError naming the field where `doc` departs from manifest.schema.json (after the
+    reader's own checks, which give the more specific messages for the common mistakes)."""
+    error = jsonschema.exceptions.best_match(_schema_validator().iter_errors(doc))
+    if error is not None:
+        where = "/".join(str(p) for p in error.absolute_path) or "(top level)"
+        raise ManifestError(f"does not match {SCHEMA_FILE.name} at {where}: {error.message}")
 
 
 def sha256_file(path: Path) -> str:

@@ -4,12 +4,14 @@ fingerprint (what two versions must share to share a bottom). Tiny models only.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
+import jsonschema
 import pytest
 
-from model_format.manifest import MANIFEST_NAME, Manifest, read_manifest
+from model_format.manifest import MANIFEST_NAME, SCHEMA_FILE, Manifest, ManifestError, read_manifest
 from tests import helpers
 from tests.helpers import SMALL_ATTENTION_HEADS, SMALL_HEAD_HIDDEN, SmallModelFactory
 
@@ -48,3 +50,24 @@ def test_bottom_fingerprint_covers_attention_heads(tmp_path: Path, monkeypatch: 
     four = read_manifest(helpers.build_small_model(tmp_path, model="four", seed=7))
     assert four.encoder.num_attention_heads == 4
     assert two.bottom_fingerprint != four.bottom_fingerprint
+
+
+def test_the_published_schema_holds_every_built_manifest_and_the_reader_enforces_it(
+        tiny: Path, demo_repo: Path) -> None:
+    """model_format/manifest.schema.json is a valid JSON Schema; the builder's manifests (demo and tiny) pass
+    it; and `read_manifest` refuses what only the schema catches, naming the field."""
+    schema = json.loads(SCHEMA_FILE.read_text(encoding="utf-8"))
+    jsonschema.Draft202012Validator.check_schema(schema)
+    for version_dir in (tiny, demo_repo / "demo" / "1"):
+        doc = json.loads((version_dir / MANIFEST_NAME).read_text(encoding="utf-8"))
+        assert not list(jsonschema.Draft202012Validator(schema).iter_errors(doc)), version_dir
+    good = json.loads((tiny / MANIFEST_NAME).read_text(encoding="utf-8"))
+    cases = [({**good, "unexpected": 1}, "(top level): Additional properties are not allowed ('unexpected'"),
+             ({**good, "bottom_fingerprint": "xyz"}, "at bottom_fingerprint: 'xyz' does not match"),
+             ({**good, "heads": [{**good["heads"][0], "colour": "red"}, *good["heads"][1:]]},
+              "at heads/0: Additional properties are not allowed ('colour'"),
+             ({**good, "site": {**good["site"], "dim": 0}}, "at site/dim: 0 is less than the minimum of 1")]
+    for doc, message in cases:
+        with pytest.raises(ManifestError) as err:
+            Manifest.from_json(json.dumps(doc))
+        assert message in str(err.value), str(err.value)
