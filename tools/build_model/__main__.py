@@ -3,6 +3,7 @@
   python -m tools.build_model --demo --out model_repo
   python -m tools.build_model --from-hf CKPT_DIR --heads-npz heads.npz --out model_repo --model mymodel
   python -m tools.build_model --from-hf CKPT_DIR --heads 8 --out model_repo --precision int8
+  python -m tools.build_model --from-paddle PADDLENLP_DIR --heads-npz heads.npz --out model_repo
   python -m tools.build_model --from-hf CKPT_DIR --lookups LOOKUPS_DIR \
       --heads-state-dict heads.safetensors --heads-meta heads.json --out model_repo --model mymodel
 
@@ -27,6 +28,7 @@ from model_format.repository import next_version
 from tools.build_model import demo_vocab
 from tools.build_model.heads_io import heads_from_state_dict
 from tools.build_model.lookups import LookupTableError, lookups_from_dir
+from tools.build_model.paddle_ckpt import encoder_from_paddle
 from tools.build_model.tokenizer import build_tokenizer, checkpoint_tokenizer
 from tools.build_model.weights import (
     ModelWeights,
@@ -59,6 +61,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     src.add_argument("--demo", action="store_true", help="seeded random-init demo model (92 heads)")
     src.add_argument("--from-hf", type=Path, metavar="CKPT_DIR",
                      help="Hugging Face ERNIE/BERT folder: config.json, model.safetensors, vocab.txt")
+    src.add_argument("--from-paddle", type=Path, metavar="CKPT_DIR",
+                     help="PaddleNLP ERNIE folder: model_state.pdparams, model_config.json, vocab.txt "
+                          "(read without PaddlePaddle; tools/build_model/paddle_ckpt.py)")
     ap.add_argument("--out", type=Path, required=True, help="model repository root")
     ap.add_argument("--model", default=None, help="model name (default: demo, or the checkpoint folder name)")
     ap.add_argument("--version", type=int, default=None, help="version number (default: next free)")
@@ -88,7 +93,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    model = args.model or ("demo" if args.demo else args.from_hf.resolve().name)
+    checkpoint: Path | None = args.from_hf or args.from_paddle
+    model = args.model or ("demo" if checkpoint is None else checkpoint.resolve().name)
     if args.if_absent:
         from model_format.repository import latest_complete, scan_model
 
@@ -105,13 +111,13 @@ def main(argv: list[str] | None = None) -> int:
         steps.set_postfix_str(msg)
         steps.update(1)
 
-    progress("initialising weights" if args.demo else f"reading {args.from_hf}")
-    if args.demo:
+    progress("initialising weights" if checkpoint is None else f"reading {checkpoint}")
+    if checkpoint is None:
         encoder = random_encoder(DEMO_SHAPE, args.seed, std=DEMO_INIT_STD)
         tokenizer, tokenizer_source = build_tokenizer(DEMO_VOCAB), "demo vocab.txt (lower-cased)"
     else:
-        encoder = encoder_from_hf(args.from_hf)
-        tokenizer, tokenizer_source = checkpoint_tokenizer(args.from_hf)
+        encoder = encoder_from_hf(checkpoint) if args.from_hf else encoder_from_paddle(checkpoint)
+        tokenizer, tokenizer_source = checkpoint_tokenizer(checkpoint)
     if args.lookups:
         try:
             vocabs, lookups = lookups_from_dir(args.lookups)
@@ -148,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         max_ner_tags=args.max_ner_tags,
         precisions=["fp32", *args.precision],
         progress=progress,
-        extra={"source": "demo (seeded random init)" if args.demo else f"hf:{args.from_hf.name}",
+        extra={"source": "demo (seeded random init)" if checkpoint is None
+               else f"{'hf' if args.from_hf else 'paddle'}:{checkpoint.name}",
                "seed": args.seed, "tokenizer": tokenizer_source,
                "lookups": f"files: {args.lookups.name}" if args.lookups else "demo vocabularies, random tables"},
     )
