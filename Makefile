@@ -8,11 +8,14 @@ GRPC_PORT ?= 50051
 METRICS_PORT ?= 9100
 # Set PARITY=0 to skip installing torch + transformers (the HF parity test then skips, saying why).
 PARITY ?= 1
+# Set PADDLE=0 to skip installing PaddlePaddle (the check against Paddle's own forward then skips, saying why).
+PADDLE ?= 1
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 RUNTIME_STAMP := $(VENV)/.runtime-installed
 DEV_STAMP := $(VENV)/.dev-installed
 PARITY_STAMP := $(VENV)/.parity-installed
+PADDLE_STAMP := $(VENV)/.paddle-installed
 PROTOS := proto/scoring/v1/scoring.proto proto/scoring/v1/admin.proto
 STUBS := scoring/v1/scoring_pb2.py scoring/v1/scoring_pb2_grpc.py scoring/v1/admin_pb2.py scoring/v1/admin_pb2_grpc.py
 DEMO_MANIFEST := $(MODEL_REPO)/demo/1/manifest.json
@@ -34,6 +37,11 @@ $(DEV_STAMP): requirements-dev.txt $(RUNTIME_STAMP)
 $(PARITY_STAMP): requirements-parity.txt $(RUNTIME_STAMP)
 	$(BIN)/pip install --disable-pip-version-check -q -r requirements-parity.txt \
 	  || echo "warning: torch/transformers not installed; tests/test_parity_hf.py will skip"
+	touch $@
+
+$(PADDLE_STAMP): requirements-paddle.txt $(RUNTIME_STAMP)
+	$(BIN)/pip install --disable-pip-version-check -q -r requirements-paddle.txt \
+	  || echo "warning: PaddlePaddle not installed; its test in tests/test_paddle_import.py will skip"
 	touch $@
 
 # Debian's prometheus package (prometheus + promtool) for the observability tests.
@@ -62,7 +70,8 @@ lint: $(DEV_STAMP) $(STUBS)
 typecheck: $(DEV_STAMP) $(STUBS)
 	$(BIN)/mypy $(TYPED_DIRS)
 
-test: $(DEV_STAMP) $(STUBS) $(if $(filter 1,$(PARITY)),$(PARITY_STAMP)) prometheus-installed
+test: $(DEV_STAMP) $(STUBS) $(if $(filter 1,$(PARITY)),$(PARITY_STAMP)) $(if $(filter 1,$(PADDLE)),$(PADDLE_STAMP)) \
+      prometheus-installed
 	$(BIN)/ruff check .
 	$(BIN)/mypy $(TYPED_DIRS)
 	SCORING_REQUIRE_PROMETHEUS=1 $(BIN)/pytest -q

@@ -66,7 +66,7 @@ def _save(state: dict[str, np.ndarray], path: Path) -> str:
             pickle.dump({**state, NAME_MAP_KEY: {k: k for k in state}}, fh, protocol=4)
         return "a pickle of numpy arrays in paddle.save's layout (PaddlePaddle is not installed)"
     paddle.save({k: paddle.to_tensor(v) for k, v in state.items()}, str(path))
-    return f"paddle.save (PaddlePaddle {paddle.__version__})"
+    return f"paddle.save (PaddlePaddle {getattr(paddle, '__version__', '?')})"
 
 
 @pytest.fixture(scope="module")
@@ -153,3 +153,83 @@ def test_a_missing_or_misshapen_tensor_is_named(checkpoint: tuple[Path, Any, str
         with pytest.raises(SystemExit) as err:
             build(["--from-paddle", str(bad), "--out", str(tmp_path / "repo"), "--heads", "1", "--max-seq-len", "64"])
         assert message in str(err.value.code), err.value.code
+
+
+def _paddle_ernie(paddle: Any, vocab_size: int) -> Any:
+    """PaddleNLP's ErnieModel, built from paddle.nn alone (PaddleNLP itself is not a dependency): embeddings with a
+    task type, LayerNorm, post-norm nn.TransformerEncoderLayer blocks (exact GELU), a tanh pooler on [CLS]; the
+    parameter names are PaddleNLP's."""
+    nn = paddle.nn
+
+    class Embeddings(nn.Layer):  # type: ignore[name-defined, misc, unused-ignore]  # paddle is untyped here
+        def __init__(self) -> None:
+            super().__init__()
+            self.word_embeddings = nn.Embedding(vocab_size, HIDDEN)
+            self.position_embeddings = nn.Embedding(POSITIONS, HIDDEN)
+            self.token_type_embeddings = nn.Embedding(4, HIDDEN)
+            self.task_type_embeddings = nn.Embedding(3, HIDDEN)
+            self.layer_norm = nn.LayerNorm(HIDDEN)
+
+        def forward(self, ids: Any, types: Any) -> Any:
+            positions = paddle.arange(ids.shape[1]).unsqueeze(0)
+            task = paddle.zeros_like(ids)
+            x = (self.word_embeddings(ids) + self.position_embeddings(positions) + self.token_type_embeddings(types)
+                 + self.task_type_embeddings(task))
+            return self.layer_norm(x)
+
+    class Ernie(nn.Layer):  # type: ignore[name-defined, misc, unused-ignore]
+        def __init__(self) -> None:
+            super().__init__()
+            self.embeddings = Embeddings()
+            layer = nn.TransformerEncoderLayer(HIDDEN, HEADS, INTER, dropout=0.0, activation="gelu",
+                                               attn_dropout=0.0, act_dropout=0.0)
+            self.encoder = nn.TransformerEncoder(layer, LAYERS)
+            self.pooler = nn.Layer()
+            self.pooler.dense = nn.Linear(HIDDEN, HIDDEN)
+
+        def forward(self, ids: Any, types: Any, mask: Any) -> Any:
+            keep = mask.unsqueeze([1, 2]).astype("float32")
+            hidden = self.encoder(self.embeddings(ids, types), src_mask=(keep - 1.0) * 1e4)
+            return paddle.tanh(self.pooler.dense(hidden[:, 0]))
+
+    return Ernie()
+
+
+def test_paddles_own_ernie_saved_by_paddle_save_matches_its_own_forward(tmp_path: Path) -> None:
+    paddle = pytest.importorskip("paddle", reason="PaddlePaddle is not installed (`make test` installs "
+                                 "requirements-paddle.txt unless PADDLE=0; the transformers-reference test above "
+                                 "still covers the conversion)")
+    paddle.seed(7)
+    vocab_size = sum(1 for _ in VOCAB.open(encoding="utf-8"))
+    model = _paddle_ernie(paddle, vocab_size)
+    rng = np.random.default_rng(3)
+    for name, p in model.named_parameters():  # every parameter off its default, LayerNorm and biases included
+        noise = rng.normal(size=p.shape).astype(np.float32)
+        p.set_value(1.0 + 0.1 * noise if "norm" in name and name.endswith("weight") else 0.1 * noise)
+    model.eval()
+    ckpt = tmp_path / "paddle-own"
+    ckpt.mkdir()
+    paddle.save({f"ernie.{k}": v for k, v in model.state_dict().items()}, str(ckpt / "model_state.pdparams"))
+    (ckpt / "model_config.json").write_text(json.dumps({
+        "vocab_size": vocab_size, "hidden_size": HIDDEN, "num_hidden_layers": LAYERS, "num_attention_heads": HEADS,
+        "intermediate_size": INTER, "hidden_act": "gelu", "max_position_embeddings": POSITIONS,
+        "type_vocab_size": 4, "task_type_vocab_size": 3, "use_task_id": True}))
+    shutil.copy(VOCAB, ckpt / "vocab.txt")
+    assert build(["--from-paddle", str(ckpt), "--out", str(tmp_path / "repo"), "--heads", "1",
+                  "--max-seq-len", "64"]) == 0
+    version = tmp_path / "repo" / "paddle-own" / "1"
+    features = FeatureEncoder(version, read_manifest(version))
+    batch = pad_batch([features.encode(q, t or None) for q, t in
+                       [("北京旅游攻略", "北京三日游最全攻略"), ("天气", ""), ("感冒发烧吃什么药", "医生说" * 5)]])
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    session = ort.InferenceSession(str(version / MODEL_FILES["fp32"]), so, providers=["CPUExecutionProvider"])
+    ours = session.run(["features"], batch)[0][:, :HIDDEN]
+    with paddle.no_grad():
+        ref = model(paddle.to_tensor(batch["input_ids"]), paddle.to_tensor(batch["token_type_ids"]),
+                    paddle.to_tensor(batch["attention_mask"])).numpy()
+    diff = float(np.abs(ours - ref).max())
+    print(f"\n--from-paddle vs PaddlePaddle {paddle.__version__}'s own forward (paddle.nn ERNIE, paddle.save), "
+          f"padded batch {batch['input_ids'].shape}: max abs diff {diff:.2e}")
+    assert float(np.std(ref, axis=0).mean()) > 1e-2
+    assert diff <= 1e-4
