@@ -158,3 +158,29 @@ def test_heads_that_do_not_fit_are_refused_naming_the_tensor(tmp_path: Path) -> 
     bad = {**good, "heads.1.0.weight": good["heads.1.0.weight"][:, :10]}
     assert "heads.1.0.weight is float32 (4, 10), expected float (4, 896)" in refused(bad)
     assert not (tmp_path / "repo").exists() or not any((tmp_path / "repo").rglob("manifest.json"))
+
+
+def test_a_hugging_face_checkpoint_with_extra_or_misshapen_tensors_is_refused_naming_them(tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers", reason="builds the checkpoint: requirements-parity.txt")
+    config = transformers.ErnieConfig(vocab_size=sum(1 for _ in ERNIE_VOCAB.open(encoding="utf-8")), hidden_size=32,
+                                      num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                      max_position_embeddings=64, type_vocab_size=4)
+    ckpt = tmp_path / "ckpt"
+    transformers.ErnieModel(config).save_pretrained(str(ckpt))
+    shutil.copy(ERNIE_VOCAB, ckpt / "vocab.txt")
+    from safetensors.numpy import load_file
+
+    tensors = load_file(str(ckpt / "model.safetensors"))
+
+    def refused(state: dict[str, np.ndarray]) -> str:
+        save_file(state, str(ckpt / "model.safetensors"))
+        with pytest.raises(SystemExit) as err:
+            build(["--from-hf", str(ckpt), "--out", str(tmp_path / "repo"), "--heads", "1", "--max-seq-len", "64"])
+        return str(err.value.code)
+
+    classifier = {"classifier.weight": np.zeros((2, 32), np.float32), "classifier.bias": np.zeros(2, np.float32)}
+    assert "not part of the bottom: ['classifier.bias', 'classifier.weight']" in refused({**tensors, **classifier})
+    narrow = {**tensors, "pooler.dense.weight": tensors["pooler.dense.weight"][:, :16].copy()}
+    assert "pooler.dense.weight is (32, 16), expected (32, 32) from config.json" in refused(narrow)
+    save_file(tensors, str(ckpt / "model.safetensors"))
+    assert build(["--from-hf", str(ckpt), "--out", str(tmp_path / "repo"), "--heads", "1", "--max-seq-len", "64"]) == 0

@@ -144,8 +144,10 @@ def test_a_missing_or_misshapen_tensor_is_named(checkpoint: tuple[Path, Any, str
     state = read_pdparams(ckpt / "model_state.pdparams")
     missing = {k: v for k, v in state.items() if k != "encoder.layers.1.linear2.bias"}
     misshapen = {**state, "pooler.dense.weight": state["pooler.dense.weight"][:, :10]}
+    extra = {**state, "classifier.weight": np.zeros((64, 2), np.float32)}
     for broken, message in ((missing, "lacks tensor encoder.layers.1.linear2.bias"),
-                            (misshapen, "pooler.dense.weight is (64, 10), expected (64, 64)")):
+                            (misshapen, "pooler.dense.weight is (64, 10), expected (64, 64)"),
+                            (extra, "not part of the bottom: ['classifier.weight']")):
         bad = tmp_path / f"bad{len(message)}"
         shutil.copytree(ckpt, bad)
         with (bad / "model_state.pdparams").open("wb") as fh:

@@ -83,7 +83,10 @@ def encoder_from_paddle(ckpt: Path) -> EncoderWeights:
         layer_norm_eps=float(config.get("layer_norm_eps", 1e-5)),  # Paddle's LayerNorm default
     )
 
+    used: set[str] = set()
+
     def t(name: str, want: tuple[int, ...]) -> np.ndarray:
+        used.add(name)
         if name not in sd:
             raise SystemExit(f"{ckpt / 'model_state.pdparams'}: lacks tensor {name}")
         value = sd[name]
@@ -109,7 +112,7 @@ def encoder_from_paddle(ckpt: Path) -> EncoderWeights:
             ffn_out_w=t(f"{p}.linear2.weight", (inter, h)), ffn_out_b=t(f"{p}.linear2.bias", (h,)),
             ffn_ln_g=t(f"{p}.norm2.weight", (h,)), ffn_ln_b=t(f"{p}.norm2.bias", (h,)),
         ))
-    return EncoderWeights(
+    encoder = EncoderWeights(
         shape=shape,
         word=t("embeddings.word_embeddings.weight", (shape.vocab_size, h)),
         position=t("embeddings.position_embeddings.weight", (shape.max_position_embeddings, h)),
@@ -118,3 +121,8 @@ def encoder_from_paddle(ckpt: Path) -> EncoderWeights:
         layers=layers,
         pooler_w=t("pooler.dense.weight", (h, h)), pooler_b=t("pooler.dense.bias", (h,)),
     )
+    extra = sorted(set(sd) - used - {"embeddings.task_type_embeddings.weight"})  # unused without use_task_id
+    if extra:
+        raise SystemExit(f"{ckpt / 'model_state.pdparams'}: tensors that are not part of the bottom: {extra[:8]}"
+                         f"{' ...' if len(extra) > 8 else ''} (a task model's head? save the bare ErnieModel)")
+    return encoder

@@ -176,7 +176,8 @@ def _load_state_dict(ckpt: Path) -> dict[str, np.ndarray]:
 
 
 def _strip_prefix(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Accepts bare `ErnieModel`/`BertModel` names and task-model names (`ernie.`/`bert.` prefixed)."""
+    """Accepts bare `ErnieModel`/`BertModel` names and `ernie.`/`bert.`-prefixed ones; a task model's own
+    layers (a classifier) are then left over and refused by name, never dropped silently."""
     out = {}
     for k, v in sd.items():
         for prefix in ("ernie.", "bert.", "model."):
@@ -187,6 +188,32 @@ def _strip_prefix(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
+# Buffers and unused embeddings a Hugging Face checkpoint may carry: not parameters of the bottom.
+_HF_IGNORED = ("embeddings.position_ids", "embeddings.token_type_ids", "embeddings.task_type_embeddings.weight")
+
+
+def _hf_shapes(s: EncoderShape, task_types: int) -> dict[str, tuple[int, ...]]:
+    """The shape each tensor of a bare ErnieModel/BertModel must have, in torch's orientation."""
+    h, i = s.hidden_size, s.intermediate_size
+    shapes: dict[str, tuple[int, ...]] = {
+        "embeddings.word_embeddings.weight": (s.vocab_size, h),
+        "embeddings.position_embeddings.weight": (s.max_position_embeddings, h),
+        "embeddings.token_type_embeddings.weight": (s.type_vocab_size, h),
+        "embeddings.task_type_embeddings.weight": (task_types, h),
+        "embeddings.LayerNorm.weight": (h,), "embeddings.LayerNorm.bias": (h,),
+        "pooler.dense.weight": (h, h), "pooler.dense.bias": (h,),
+    }
+    for n in range(s.num_layers):
+        p = f"encoder.layer.{n}"
+        for name in ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"):
+            shapes[f"{p}.{name}.weight"], shapes[f"{p}.{name}.bias"] = (h, h), (h,)
+        shapes[f"{p}.intermediate.dense.weight"], shapes[f"{p}.intermediate.dense.bias"] = (i, h), (i,)
+        shapes[f"{p}.output.dense.weight"], shapes[f"{p}.output.dense.bias"] = (h, i), (h,)
+        for name in ("attention.output.LayerNorm", "output.LayerNorm"):
+            shapes[f"{p}.{name}.weight"], shapes[f"{p}.{name}.bias"] = (h,), (h,)
+    return shapes
+
+
 def encoder_from_hf(ckpt: Path) -> EncoderWeights:
     config = json.loads((ckpt / "config.json").read_text(encoding="utf-8"))
     act = config.get("hidden_act", "gelu")
@@ -195,12 +222,19 @@ def encoder_from_hf(ckpt: Path) -> EncoderWeights:
     if config.get("position_embedding_type", "absolute") != "absolute":
         raise SystemExit("only absolute position embeddings are supported")
     sd = _strip_prefix(_load_state_dict(ckpt))
+    used: set[str] = set()
+    expected: dict[str, tuple[int, ...]] = {}
 
     def t(name: str) -> np.ndarray:
         try:
-            return np.ascontiguousarray(sd[name], dtype=F32)
+            value = sd[name]
         except KeyError as exc:
-            raise SystemExit(f"checkpoint lacks tensor {name}") from exc
+            raise SystemExit(f"{ckpt}: checkpoint lacks tensor {name}") from exc
+        want = expected.get(name)
+        if want is not None and tuple(value.shape) != want:
+            raise SystemExit(f"{ckpt}: {name} is {tuple(value.shape)}, expected {want} from config.json")
+        used.add(name)
+        return np.ascontiguousarray(value, dtype=F32)
 
     def lin(name: str) -> tuple[np.ndarray, np.ndarray]:
         # torch Linear stores [out, in]; the graph computes x @ W, so transpose once here.
@@ -217,6 +251,7 @@ def encoder_from_hf(ckpt: Path) -> EncoderWeights:
         type_vocab_size=int(config.get("type_vocab_size", 2)),
         layer_norm_eps=float(config.get("layer_norm_eps", 1e-12)),
     )
+    expected.update(_hf_shapes(shape, int(config.get("task_type_vocab_size", 3))))
     token_type = t("embeddings.token_type_embeddings.weight")
     if config.get("use_task_id") and "embeddings.task_type_embeddings.weight" in sd:
         # ErnieModel adds task_type_embeddings[0] to every token when no task id is given.
@@ -237,7 +272,7 @@ def encoder_from_hf(ckpt: Path) -> EncoderWeights:
             )
         )
     pw, pb = lin("pooler.dense")
-    return EncoderWeights(
+    encoder = EncoderWeights(
         shape=shape,
         word=t("embeddings.word_embeddings.weight"),
         position=t("embeddings.position_embeddings.weight"),
@@ -248,6 +283,12 @@ def encoder_from_hf(ckpt: Path) -> EncoderWeights:
         pooler_w=pw,
         pooler_b=pb,
     )
+    extra = sorted(k for k in set(sd) - used if not k.endswith(_HF_IGNORED))
+    if extra:
+        more = " ..." if len(extra) > 8 else ""
+        raise SystemExit(f"{ckpt}: tensors that are not part of the bottom: {extra[:8]}{more} (a task model's "
+                         "head, or another architecture? export the bare ErnieModel/BertModel)")
+    return encoder
 
 
 def heads_from_npz(path: Path) -> tuple[HeadWeights, list[Head]]:
