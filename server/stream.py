@@ -37,6 +37,11 @@ log = logging.getLogger(__name__)
 METHOD = "ScoreStream"
 
 
+# An answer on the outbox: its bytes, and for a scored item its labels and start (the latency is observed,
+# and the item counted lost if the call ends first, once it is written); error answers are counted already.
+_Answer = tuple[bytes, tuple[str, str] | None, float]
+
+
 class _Item:
     """An item queued on a batcher, until its answer is on the outbox."""
 
@@ -59,7 +64,8 @@ class ScoreStreamCall:
         self.servicer = servicer
         self.metrics = servicer.metrics
         self.context = context
-        self.outbox: asyncio.Queue[bytes | None] = asyncio.Queue()  # None: every item is answered
+        # None ends the call: every item is answered.
+        self.outbox: asyncio.Queue[_Answer | None] = asyncio.Queue()
         self.room = asyncio.Semaphore(servicer.limits.max_stream_inflight)
         self.queued: set[_Item] = set()
         self.unanswered = 0  # read and not yet on the outbox
@@ -70,15 +76,20 @@ class ScoreStreamCall:
         loop = asyncio.get_running_loop()
         reader = loop.create_task(self._read(requests), name="score-stream-reader")
         stopper = loop.create_task(self._stop_on_shutdown(reader), name="score-stream-stopper")
+        writing: _Answer | None = None
         try:
-            while (answer := await self.outbox.get()) is not None:
+            while (writing := await self.outbox.get()) is not None:
+                answer, scored, started = writing
                 await self.context.write(answer)
+                writing = None
+                if scored is not None:
+                    self.metrics.observe_latency(scored[0], METHOD, time.perf_counter() - started)
                 self.room.release()
         except asyncio.CancelledError:  # the client went away or the call's deadline passed
-            self._drop_queued(self.servicer.cancel_reason(self.context))
+            self._drop_unanswered(self.servicer.cancel_reason(self.context), writing)
             raise
         except Exception:  # the transport failed under a write: nobody will read what is queued
-            self._drop_queued(LostReason.CANCELLED)
+            self._drop_unanswered(LostReason.CANCELLED, writing)
             raise
         finally:
             reader.cancel()
@@ -130,13 +141,12 @@ class ScoreStreamCall:
     def _done(self, item: _Item, future: asyncio.Future[np.ndarray]) -> None:
         self.queued.discard(item)
         if future.cancelled():
-            return  # the stream is going away: _drop_queued counted it
+            return  # the stream is going away: _drop_unanswered counted it
         exc = future.exception()
         if exc is None:
             model = item.model
             result = model.responses.encode(future.result(), item.srcids, model.srcid_index)
-            self._send(stream_answer(item.request_id, result=result))
-            self.metrics.observe_latency(model.name, METHOD, time.perf_counter() - item.started)
+            self._send(stream_answer(item.request_id, result=result), item.labels, item.started)
             return
         if not isinstance(exc, ITEM_FAILURES):
             log.error("unexpected error", exc_info=exc, extra={"event": "internal_error",
@@ -150,8 +160,8 @@ class ScoreStreamCall:
         self.servicer.log_rejection(rej, request_id, labels, 1)
         self._send(stream_answer(request_id, rej.code.value[0], rej.message))
 
-    def _send(self, answer: bytes) -> None:
-        self.outbox.put_nowait(answer)
+    def _send(self, answer: bytes, scored: tuple[str, str] | None = None, started: float = 0.0) -> None:
+        self.outbox.put_nowait((answer, scored, started))
         self.unanswered -= 1
         self._end_if_answered()
 
@@ -159,10 +169,18 @@ class ScoreStreamCall:
         if not self.reading and self.unanswered == 0:
             self.outbox.put_nowait(None)
 
-    def _drop_queued(self, reason: LostReason) -> None:
-        """The call ends before its queued items are answered: withdraw them and count them lost."""
+    def _drop_unanswered(self, reason: LostReason,
+                         writing: _Answer | None) -> None:
+        """The call ends before every item read was answered: the queued ones are withdrawn (the batcher
+        drops them before compute) and, like the scores computed but not delivered, counted lost."""
         for item in list(self.queued):
             if item.future.cancel():  # tells the batcher (or the coalescing leader) to drop it
                 self.metrics.count_lost(*item.labels, reason)
         self.queued.clear()
+        unsent: list[_Answer | None] = [writing]
+        while not self.outbox.empty():
+            unsent.append(self.outbox.get_nowait())
+        for entry in unsent:
+            if entry is not None and entry[1] is not None:
+                self.metrics.count_lost(*entry[1], reason)
 
