@@ -27,7 +27,7 @@ import numpy as np
 from scoring.v1 import scoring_pb2
 from server.metrics import UNKNOWN, LostReason
 from server.model import LoadedModel
-from server.outcomes import ITEM_FAILURES, Rejection, result_rejection
+from server.outcomes import ITEM_FAILURES, Rejection, reject, result_rejection
 from server.responses import stream_answer
 
 if TYPE_CHECKING:
@@ -133,6 +133,10 @@ class ScoreStreamCall:
             (future,) = s.submit(model, [encoded], deadline)
         except Rejection as rej:
             self._reject(request_id, labels, counted, rej)
+            return
+        except Exception:  # a bug, not the caller's fault: this item answers INTERNAL, the stream lives on
+            log.exception("unexpected error", extra={"event": "internal_error", "request_id": request_id[:128]})
+            self._reject(request_id, labels, counted, reject(LostReason.INTERNAL, "internal error"))
             return
         item = _Item(request_id, model, list(req.srcids), future, started)
         self.queued.add(item)
