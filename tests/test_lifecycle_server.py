@@ -102,9 +102,12 @@ def test_expired_deadlines_are_not_computed(demo_repo: Path) -> None:
         assert computed < 40, "expired requests must be dropped before compute"
         lost = (m['model_lost_total{model="demo",reason="deadline",version="1"}']
                 + m['model_lost_total{model="demo",reason="cancelled",version="1"}'])
-        # A request computed just before its deadline may still reach the client late: not lost here.
-        assert 0 < lost <= expired
-        assert computed + lost >= 40
+        # A request computed just before its deadline may still reach the client late: not lost here. On a
+        # loaded machine a call can also expire inside gRPC before it reaches the servicer: not ours to count.
+        reached = m['model_pv_total{model="demo",version="1"}']
+        assert lost <= expired
+        assert computed + lost >= reached  # every call that reached the servicer: computed, or lost with a reason
+        assert lost > 0 or reached == computed
 
 
 def test_not_serving_without_a_model(tmp_path: Path) -> None:
