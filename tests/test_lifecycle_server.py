@@ -107,7 +107,6 @@ def test_expired_deadlines_are_not_computed(demo_repo: Path) -> None:
         reached = m['model_pv_total{model="demo",version="1"}']
         assert lost <= expired
         assert computed + lost >= reached  # every call that reached the servicer: computed, or lost with a reason
-        assert lost > 0 or reached == computed
 
 
 def test_not_serving_without_a_model(tmp_path: Path) -> None:
