@@ -26,19 +26,6 @@ from scoring.v1 import scoring_pb2
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 METHOD = "/scoring.v1.Scorer/ScoreStream"
-_REQUEST_ID_TAG = b"\x4a"  # ScoreRequest.request_id: field 9, length-delimited
-_TIMEOUT_MS_TAG = b"\x50"  # ScoreRequest.timeout_ms: field 10, varint
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
 class ScoreError(Exception):
     """An item that got no scores, with its gRPC status code."""
 
@@ -149,14 +136,15 @@ class StreamingScorer:
         if self._closed:
             raise RuntimeError("the StreamingScorer is closed")
         stream = self._stream()
-        if not request_id:
+        own = not request_id
+        if own:
             request_id = f"~{next(self._ids)}"
-            encoded = request_id.encode()
-            request += _REQUEST_ID_TAG + _varint(len(encoded)) + encoded
         elif request_id in stream.waiting:
             raise ValueError(f"request_id {request_id!r} is already in flight on this stream")
-        if timeout is not None:
-            request += _TIMEOUT_MS_TAG + _varint(max(1, math.ceil(timeout * 1000)))
+        if own or timeout is not None:  # serialized messages concatenate: these fields override the request's
+            request += scoring_pb2.ScoreRequest(request_id=request_id if own else "",
+                                                timeout_ms=0 if timeout is None else max(1, math.ceil(timeout * 1000))
+                                                ).SerializeToString()
         future = await stream.send(request, request_id)
         try:
             async with asyncio.timeout(None if timeout is None else timeout + 1.0):

@@ -8,7 +8,6 @@ the batcher stay inside.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -26,7 +25,6 @@ from server.responses import ResponseEncoder
 from server.runtime import CUDA, ModelRuntime, RuntimeOptions
 
 log = logging.getLogger(__name__)
-ENCODINGS_KEPT = 8192
 
 
 def warm_up_shapes(manifest: Manifest, config: BatcherConfig) -> list[tuple[int, int]]:
@@ -71,9 +69,6 @@ class LoadedModel:
         self.srcids = manifest.srcids
         self.srcid_index = {s: i for i, s in enumerate(manifest.srcids)}
         self.responses = ResponseEncoder(self.name, self.version, self.srcids)
-        # A real query log repeats itself: the model input of a request seen lately is kept, not tokenized
-        # again (the same fields always give the same input). Bounded by entries, a few MiB.
-        self.encode = functools.lru_cache(maxsize=ENCODINGS_KEPT)(features.encode)
         self._runtime = runtime
         self._batcher = batcher
         self._info = VersionInfo(name=self.name, version=self.version, heads=manifest.heads,

@@ -51,7 +51,7 @@ def validate_and_encode(req: scoring_pb2.ScoreRequest, model: LoadedModel, limit
         _check_text(f"ner[{i}]", tag, limits.max_ner_tag_bytes)
     check_srcids(list(req.srcids), model)
     try:
-        return model.encode(query, title or None, site or None, ner, industry or None)
+        return model.features.encode(query, title or None, site or None, ner, industry or None)
     except FeatureError as exc:
         raise InvalidRequest(str(exc)) from exc
 

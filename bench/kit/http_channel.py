@@ -65,7 +65,7 @@ class HttpChannel:
             try:
                 async with asyncio.timeout(timeout):
                     async with session.post(url, data=body) as resp:
-                        payload = await resp.read()
+                        payload: bytes = await resp.read()
             except TimeoutError as exc:
                 raise rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded") from exc
             except aiohttp.ClientError as exc:
@@ -73,6 +73,6 @@ class HttpChannel:
             if resp.status != 200:
                 code = STATUS_CODES.get(resp.status, grpc.StatusCode.UNKNOWN)
                 raise rpc_error(code, f"HTTP {resp.status}: {payload[:200]!r}")
-            return bytes(payload)  # typed: aiohttp may be absent (make test), then read() is Any
+            return payload
 
         return call

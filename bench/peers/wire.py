@@ -12,6 +12,7 @@ from __future__ import annotations
 from google.protobuf import json_format
 
 from scoring.v1 import scoring_pb2
+from server.responses import field_bytes, varint
 
 OIP_METHOD = "/inference.GRPCInferenceService/ModelInfer"
 OIP_MODEL = "scoring"  # the model name MLServer serves
@@ -19,28 +20,14 @@ OIP_INPUT, OIP_OUTPUT, OIP_BYTES = "request", "response", "BYTES"
 LITSERVE_PATH = "/predict"
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        low, n = n & 0x7F, n >> 7
-        out.append(low | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _field(number: int, payload: bytes) -> bytes:
-    """A length-delimited field (string, bytes, sub-message or packed repeated)."""
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
 def oip_infer_request(score_request: bytes, model: str = OIP_MODEL) -> bytes:
     """A serialized `inference.ModelInferRequest` (dataplane.proto) carrying one serialized ScoreRequest. Written
     by hand from the five fields it needs, so this process needs neither MLServer nor its protobuf stubs (MLServer
     runs in its own environment, see requirements-mlserver.txt)."""
-    contents = _field(8, score_request)  # InferTensorContents.bytes_contents
-    tensor = (_field(1, OIP_INPUT.encode()) + _field(2, OIP_BYTES.encode())  # name, datatype
-              + _field(3, _varint(1)) + _field(5, contents))  # shape [1] (packed int64), contents
-    return _field(1, model.encode()) + _field(5, tensor)  # model_name, inputs[0]
+    contents = field_bytes(8, score_request)  # InferTensorContents.bytes_contents
+    tensor = (field_bytes(1, OIP_INPUT.encode()) + field_bytes(2, OIP_BYTES.encode())  # name, datatype
+              + field_bytes(3, varint(1)) + field_bytes(5, contents))  # shape [1] (packed int64), contents
+    return field_bytes(1, model.encode()) + field_bytes(5, tensor)  # model_name, inputs[0]
 
 
 def json_request(score_request: bytes) -> bytes:
